@@ -1,0 +1,308 @@
+"""Accounts: password hashing, the sign-in secret, login throttling and sign-up.
+
+Passwords are hashed with bcrypt. bcrypt only looks at the first 72 bytes of
+a password, so longer passwords are refused instead of silently truncated.
+
+All methods here are blocking (bcrypt takes ~0.25 s at the default cost and
+the store does disk I/O): call them via ``asyncio.to_thread`` from async code.
+Nothing in this module logs a password, a hash or the secret.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import secrets
+import time
+import unicodedata
+from pathlib import Path
+from typing import Callable, Optional
+
+import bcrypt
+
+from argus.config import Settings
+from argus.ratelimit import SlidingWindowLimiter
+from argus.store import Store, User, UserExists
+
+log = logging.getLogger(__name__)
+
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything after this
+MAX_NAME_CHARS = 80
+MAX_EMAIL_CHARS = 254
+DEFAULT_BCRYPT_ROUNDS = 12
+SECRET_FILE = "auth_secret"
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+
+
+class AuthError(Exception):
+    """Base class; ``str(exc)`` is a sentence that can be shown to the user."""
+
+
+class PasswordPolicyError(AuthError, ValueError):
+    """The password is too short or too long (message says which)."""
+
+
+class SignupError(AuthError):
+    """Sign-up refused; ``message`` is a user-facing sentence."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class SignupThrottled(SignupError):
+    """Too many sign-ups from one client address; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"Too many sign-ups from your network. Try again in {_humanize(retry_after_s)}.")
+
+
+class LoginThrottled(AuthError):
+    """Too many failed sign-ins for this email or client address.
+
+    ``retry_after_s``: seconds until the next attempt is allowed.
+    """
+
+    def __init__(self, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        self.message = f"Too many failed sign-in attempts. Try again in {_humanize(retry_after_s)}."
+        super().__init__(self.message)
+
+
+class AuthSecretError(AuthError):
+    """The stored sign-in secret cannot be created or read."""
+
+
+def _humanize(seconds: float) -> str:
+    """4 minutes, 1 minute, 30 seconds: rounded up so users never retry too early."""
+    secs = max(1, math.ceil(seconds))
+    if secs < 60:
+        return f"{secs} second{'s' if secs != 1 else ''}"
+    mins = math.ceil(secs / 60)
+    return f"{mins} minute{'s' if mins != 1 else ''}"
+
+
+# ---- passwords -------------------------------------------------------------
+def check_password_policy(password: str) -> None:
+    """Raise PasswordPolicyError unless 8 <= characters and UTF-8 bytes <= 72."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise PasswordPolicyError(f"Password must be at least {MIN_PASSWORD_CHARS} characters long.")
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        raise PasswordPolicyError(
+            f"Password is too long: at most {MAX_PASSWORD_BYTES} bytes "
+            "(72 Latin letters; letters of other scripts count 2 to 4 bytes each)."
+        )
+
+
+def hash_password(password: str, rounds: int = DEFAULT_BCRYPT_ROUNDS) -> str:
+    """bcrypt hash (ASCII ``$2b$...``) of ``password``.
+
+    Args:
+        rounds: bcrypt cost (log2 of iterations, 4..31); 12 takes ~0.25 s.
+    Raises:
+        PasswordPolicyError: shorter than 8 characters or longer than 72 UTF-8 bytes.
+    """
+    check_password_policy(password)
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    """True when ``password`` matches ``password_hash``. Never raises: an
+    over-long password or a malformed hash is simply False."""
+    pw = password.encode("utf-8")
+    if len(pw) > MAX_PASSWORD_BYTES:
+        pw = pw[:MAX_PASSWORD_BYTES]  # still do the work (timing), then refuse
+        too_long = True
+    else:
+        too_long = False
+    try:
+        ok = bcrypt.checkpw(pw, password_hash.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return ok and not too_long
+
+
+# ---- the JWT secret ----------------------------------------------------------
+def ensure_auth_secret(settings: Settings) -> str:
+    """Return the secret that signs Chainlit's session tokens, and export it as
+    ``CHAINLIT_AUTH_SECRET``.
+
+    ``JWT_SECRET_KEY`` (``settings.jwt_secret``) wins when set. Otherwise the
+    secret is read from ``<data_dir>/auth_secret``; on first run it is generated
+    (``secrets.token_urlsafe(48)``) and written there with mode 0600 (created
+    with ``O_EXCL``, never world-readable), and one notice is logged (without
+    the secret).
+
+    Raises:
+        AuthSecretError: the file cannot be created or read, or is empty.
+    """
+    secret = settings.jwt_secret or _file_secret(Path(settings.data_dir) / SECRET_FILE)
+    os.environ["CHAINLIT_AUTH_SECRET"] = secret
+    return secret
+
+
+def _file_secret(path: Path) -> str:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return _read_secret(path)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secret + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise AuthSecretError(f"Cannot create the sign-in secret file {path}: {exc.strerror}.") from exc
+    log.info(
+        "Generated a new sign-in secret in %s (mode 0600). Keep it private; set JWT_SECRET_KEY to manage it yourself.",
+        path,
+    )
+    return secret
+
+
+def _read_secret(path: Path) -> str:
+    # Another process may have created the file a moment ago and still be writing it.
+    for _ in range(20):
+        try:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(path, 0o600)
+                log.warning("The sign-in secret file %s was readable by others; its mode is now 0600.", path)
+            secret = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuthSecretError(f"Cannot read the sign-in secret file {path}: {exc}.") from exc
+        if secret:
+            return secret
+        time.sleep(0.05)
+    raise AuthSecretError(f"The sign-in secret file {path} is empty; delete it to generate a new secret.")
+
+
+# ---- accounts ------------------------------------------------------------------
+def normalize_email(email: str) -> str:
+    """Stripped and lower-cased, as the store keys it."""
+    return email.strip().lower()
+
+
+def validate_account(email: str, name: str, password: str) -> tuple[str, str]:
+    """Check sign-up fields; return ``(normalised email, cleaned name)``.
+
+    Raises:
+        SignupError: with a user-facing sentence naming the first problem.
+    """
+    email = normalize_email(email)
+    if len(email) > MAX_EMAIL_CHARS or not _EMAIL_RE.fullmatch(email):
+        raise SignupError("Enter a valid email address, like name@example.com.")
+    name = " ".join(name.split())
+    if not name or len(name) > MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" for c in name):
+        raise SignupError(f"Enter your name (1 to {MAX_NAME_CHARS} characters).")
+    try:
+        check_password_policy(password)
+    except PasswordPolicyError as exc:
+        raise SignupError(str(exc)) from None
+    return email, name
+
+
+class Authenticator:
+    """Sign-in and sign-up against a :class:`Store`, with throttling.
+
+    Failed sign-ins are limited to ``settings.login_attempts`` per
+    ``settings.login_window_s`` seconds, separately per email and per client
+    address; sign-ups to ``signups_per_window`` per ``signup_window_s`` seconds
+    per client address. Limits live in this process's memory.
+
+    Args:
+        store: where users live.
+        settings: provides login_attempts and login_window_s (seconds).
+        bcrypt_rounds: cost for new hashes (tests use 4).
+        signups_per_window, signup_window_s: sign-up limit per client address.
+        clock: monotonic seconds, for the limiters (injectable for tests).
+
+    All methods block (bcrypt, disk); they may raise StoreUnavailable.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
+        signups_per_window: int = 5,
+        signup_window_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.bcrypt_rounds = bcrypt_rounds
+        self._by_email = SlidingWindowLimiter(settings.login_attempts, settings.login_window_s, clock)
+        self._by_ip = SlidingWindowLimiter(settings.login_attempts, settings.login_window_s, clock)
+        self._signups = SlidingWindowLimiter(signups_per_window, signup_window_s, clock)
+        # Unknown emails are checked against this so they cost the same time as real ones.
+        self._dummy_hash = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(bcrypt_rounds)).decode("ascii")
+
+    @staticmethod
+    def _keys(email: str, client_ip: Optional[str]) -> tuple[str, str]:
+        return normalize_email(email)[:MAX_EMAIL_CHARS], client_ip or "unknown"
+
+    def check_login_allowed(self, email: str, client_ip: Optional[str]) -> None:
+        """Raise LoginThrottled if a sign-in for ``email`` from ``client_ip`` is blocked now."""
+        ekey, ikey = self._keys(email, client_ip)
+        wait = max(self._by_email.retry_after(ekey), self._by_ip.retry_after(ikey))
+        if wait > 0:
+            raise LoginThrottled(wait)
+
+    def login(self, email: str, password: str, client_ip: Optional[str]) -> Optional[User]:
+        """The user when email and password match, else None (unknown email and
+        wrong password are indistinguishable, in result and in timing).
+
+        A failure counts against both the email and ``client_ip``; a success
+        clears the email's count.
+
+        Raises:
+            LoginThrottled: too many recent failures for this email or address.
+        """
+        self.check_login_allowed(email, client_ip)
+        ekey, ikey = self._keys(email, client_ip)
+        email = normalize_email(email)
+        user = self.store.get_user_by_email(email) if len(email) <= MAX_EMAIL_CHARS else None
+        ok = verify_password(password, user.password_hash if user else self._dummy_hash)
+        if user is not None and ok:
+            self._by_email.reset(ekey)
+            return user
+        self._by_email.hit(ekey)
+        self._by_ip.hit(ikey)
+        return None
+
+    def create_user(self, email: str, name: str, password: str, role: Optional[str] = None) -> User:
+        """Validate, hash and store a user, without throttling (admin CLI).
+
+        ``role=None``: admin if first user, else "user".
+
+        Raises:
+            SignupError: invalid field, or "An account with this email already exists."
+        """
+        email, name = validate_account(email, name, password)
+        password_hash = hash_password(password, self.bcrypt_rounds)
+        try:
+            return self.store.create_user(email, name, password_hash, role)
+        except UserExists:
+            raise SignupError("An account with this email already exists.") from None
+
+    def signup(self, email: str, name: str, password: str, client_ip: Optional[str]) -> User:
+        """Self-service sign-up; the first account ever becomes admin.
+
+        Every well-formed attempt counts against ``client_ip`` (so the
+        "already exists" answer cannot be used to probe many emails).
+
+        Raises:
+            SignupError: invalid field or existing email (user-facing message).
+            SignupThrottled: too many sign-ups from ``client_ip``.
+        """
+        validate_account(email, name, password)
+        ikey = client_ip or "unknown"
+        if not self._signups.hit(ikey):
+            raise SignupThrottled(self._signups.retry_after(ikey))
+        return self.create_user(email, name, password)

@@ -1,0 +1,72 @@
+"""Slash commands: the registry and the dispatcher.
+
+Adding a command = one new module exposing ``COMMAND`` (a
+:class:`~argus.commands.base.Command`) + one line in :data:`COMMANDS`.
+Commands are answered directly: they are neither sent to the model nor stored
+as chat messages.
+"""
+from __future__ import annotations
+
+from argus.commands import convs, help, model, new, select
+from argus.commands.base import (
+    Command,
+    CommandContext,
+    CommandUsageError,
+    ModelInfo,
+    ParsedCommand,
+    SessionState,
+    parse_command,
+)
+
+#: name → command, in the order /help lists them.
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        help.COMMAND,
+        new.COMMAND,
+        convs.COMMAND,
+        select.COMMAND,
+        model.COMMAND,
+    )
+}
+
+HELP_HINT = "Type /help to see the commands."
+
+
+async def run_command(ctx: CommandContext, parsed: ParsedCommand) -> str:
+    """Run ``parsed`` and return the reply (Markdown).
+
+    Unknown commands and bad arguments get a short reply pointing at ``/help``.
+    Store failures (``StoreUnavailable``) propagate to the chat handler.
+    """
+    cmd = COMMANDS.get(parsed.name)
+    if cmd is None:
+        shown = f"/{parsed.name}" if parsed.name else "/"
+        return f"Unknown command `{shown}`. {HELP_HINT}"
+    try:
+        return await cmd.run(ctx, parsed.args)
+    except CommandUsageError as e:
+        return f"{e} {HELP_HINT}"
+
+
+def menu() -> list[dict]:
+    """The commands in the shape Chainlit's ``emitter.set_commands`` expects."""
+    return [
+        {"id": c.name, "icon": c.icon, "description": c.description, "button": False, "persistent": False}
+        for c in COMMANDS.values()
+    ]
+
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "CommandContext",
+    "CommandUsageError",
+    "HELP_HINT",
+    "ModelInfo",
+    "ParsedCommand",
+    "SessionState",
+    "menu",
+    "parse_command",
+    "run_command",
+]

@@ -1,0 +1,170 @@
+"""Shared pieces of the slash commands: parsing, the command record, the context.
+
+A command is a plain ``async`` function ``run(ctx, args) -> str`` returning the
+reply as Markdown. It gets everything through :class:`CommandContext` (the
+store, the user's id, the per-chat :class:`SessionState`, the models), so it
+can be called directly in tests without a Chainlit server.
+
+Commands raise :class:`CommandUsageError` for bad arguments; the dispatcher
+(``argus.commands.run_command``) turns that into a short reply pointing at
+``/help``. Store errors other than ``NotFound`` are left to the chat handler.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+from argus.store.base import Store
+
+#: A command name: a letter, then letters, digits, ``_`` or ``-``.
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+
+
+class CommandUsageError(Exception):
+    """Bad arguments; ``str(e)`` is one user-facing sentence."""
+
+
+@dataclass
+class SessionState:
+    """Per chat session state (kept in ``cl.user_session`` under ``"argus"``).
+
+    Attributes:
+        conversation_id: the current conversation, or None until the first
+            chat message creates one (``/new`` resets it to None).
+        model_id: the model chosen with ``/model``; None means the default.
+        text_only_notice: conversation ids in which the "text only" notice for
+            images was already shown.
+        stream: the running generation's stop handle (set by the chat handler).
+        busy: held while a chat message is being answered, so messages of one
+            session are answered one after the other (same conversation, and
+            each answer sees the previous one in its history).
+    """
+
+    conversation_id: Optional[str] = None
+    model_id: Optional[str] = None
+    text_only_notice: set[str] = field(default_factory=set)
+    stream: Any = None
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the user can pick with ``/model``.
+
+    ``problem`` is a one-sentence reason when the model cannot answer (e.g. it
+    failed to load); ``loading`` is True while it is still being loaded.
+    """
+
+    id: str
+    name: str
+    problem: Optional[str] = None
+    loading: bool = False
+
+
+@dataclass
+class CommandContext:
+    """What a command may use.
+
+    Attributes:
+        store: the persistence layer (blocking; use :meth:`call`).
+        user_id: the signed-in user's id (owner of conversations).
+        state: this chat session's state; commands may change it.
+        models: the models available to this user (first one is the default).
+        page_size: conversations per ``/convs`` page.
+    """
+
+    store: Store
+    user_id: str
+    state: SessionState
+    models: Sequence[ModelInfo]
+    page_size: int = 10
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking store call off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    @property
+    def current_model(self) -> Optional[ModelInfo]:
+        """The selected model, falling back to the default (first) one."""
+        for m in self.models:
+            if m.id == self.state.model_id:
+                return m
+        return self.models[0] if self.models else None
+
+
+@dataclass(frozen=True)
+class Command:
+    """One slash command.
+
+    Attributes:
+        name: what follows the slash (``"convs"``).
+        usage: the synopsis shown by ``/help`` (``"/convs [page]"``).
+        description: one line for ``/help`` and Chainlit's command menu.
+        icon: a lucide icon name for the command menu.
+        run: ``async (ctx, args) -> reply markdown``; raises CommandUsageError.
+    """
+
+    name: str
+    usage: str
+    description: str
+    icon: str
+    run: Callable[[CommandContext, str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """A message recognised as a command: ``name`` (lower-case) and its ``args`` text."""
+
+    name: str
+    args: str
+
+
+def parse_command(text: Optional[str], command: Optional[str] = None) -> Optional[ParsedCommand]:
+    """Recognise a command in a chat message.
+
+    Args:
+        text: the message text. Typed commands look like ``"/convs 2"``.
+        command: Chainlit's ``message.command`` when the user picked a command
+            from the menu; then ``text`` holds only the arguments.
+
+    Returns:
+        The parsed command, or None for an ordinary chat message. Text starting
+        with ``/`` followed by something that is not a command name (e.g.
+        ``"/usr/bin is a folder"``) is an ordinary message.
+    """
+    text = text or ""
+    if command:
+        name = command.strip().lstrip("/")
+        args = text.strip()
+        # Some clients also keep the typed "/name" in the text: drop it.
+        if args.lower().startswith("/" + name.lower()):
+            rest = args[len(name) + 1 :]
+            if not rest or rest[0].isspace():
+                args = rest.strip()
+        return ParsedCommand(name=name.lower(), args=args)
+    m = re.match(r"/(\S*)\s*(.*)", text.strip(), re.S)
+    if m is None:
+        return None
+    head, rest = m.group(1), m.group(2).strip()
+    if head and not _NAME.fullmatch(head):
+        return None
+    return ParsedCommand(name=head.lower(), args=rest)
+
+
+def format_time(ts: float) -> str:
+    """UNIX seconds → ``"2025-01-31 14:05 UTC"``."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def one_line(text: str, limit: int) -> str:
+    """Collapse whitespace and cut to ``limit`` characters (with an ellipsis)."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: max(0, limit - 1)].rstrip() + "…"
+
+
+def escape_md(text: str) -> str:
+    """Escape the Markdown characters that would change how a title renders."""
+    return re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", text)

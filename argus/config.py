@@ -1,0 +1,96 @@
+"""Settings, read once from the environment (and a ``.env`` file via python-dotenv).
+
+Every variable is documented in ``.env.example``. Nothing here is a secret
+except ``jwt_secret``, which is never logged (see ``Settings.__repr__``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from dotenv import load_dotenv
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value we cannot use; the message names it."""
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    model_path: Optional[str]  # None: the packaged SmolLM2-135M-Instruct GGUF
+    jwt_secret: Optional[str]  # None: generated and kept in data_dir (see argus.auth)
+    messages_per_minute: int
+    login_attempts: int
+    login_window_s: float
+    max_upload_bytes: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    blocks_per_stage: Optional[int]
+    log_level: str
+
+    def __repr__(self) -> str:  # never print the secret
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "jwt_secret":
+                v = "<set>" if v else None
+            parts.append(f"{f.name}={v!r}")
+        return f"Settings({', '.join(parts)})"
+
+    @classmethod
+    def from_env(cls, dotenv: bool = True) -> "Settings":
+        """Build settings from ``os.environ`` (after loading ``.env`` unless ``dotenv`` is False).
+
+        Raises ConfigError naming the variable when a value is unusable.
+        """
+        if dotenv:
+            load_dotenv(override=False)
+        bps = _int("ARGUS_BLOCKS_PER_STAGE", 0, 0)
+        return cls(
+            data_dir=Path(os.environ.get("ARGUS_DATA_DIR", "").strip() or "./data").resolve(),
+            model_path=os.environ.get("ARGUS_MODEL_PATH", "").strip() or None,
+            jwt_secret=os.environ.get("JWT_SECRET_KEY", "").strip() or None,
+            messages_per_minute=_int("ARGUS_MESSAGES_PER_MINUTE", 20, 1),
+            login_attempts=_int("ARGUS_LOGIN_ATTEMPTS", 7, 1),
+            login_window_s=_float("ARGUS_LOGIN_WINDOW_S", 300.0, 1.0),
+            max_upload_bytes=_int("ARGUS_MAX_UPLOAD_MB", 10, 1) * 1024 * 1024,
+            max_new_tokens=_int("ARGUS_MAX_NEW_TOKENS", 512, 1),
+            temperature=_float("ARGUS_TEMPERATURE", 0.7, 0.0),
+            top_k=_int("ARGUS_TOP_K", 40, 0),
+            top_p=_float("ARGUS_TOP_P", 0.9, 0.0),
+            repetition_penalty=_float("ARGUS_REPETITION_PENALTY", 1.1, 0.0),
+            blocks_per_stage=bps or None,
+            log_level=(os.environ.get("ARGUS_LOG_LEVEL", "").strip() or "INFO").upper(),
+        )

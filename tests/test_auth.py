@@ -1,0 +1,249 @@
+"""Password hashing, the sign-in secret, login throttling and sign-up validation."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+
+import pytest
+
+from argus.auth import (
+    Authenticator,
+    LoginThrottled,
+    PasswordPolicyError,
+    SignupError,
+    SignupThrottled,
+    ensure_auth_secret,
+    hash_password,
+    verify_password,
+)
+from argus.config import Settings
+from argus.store import SQLiteStore
+
+PASSWORD = "correct horse"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    for var in ("JWT_SECRET_KEY", "ARGUS_LOGIN_ATTEMPTS", "ARGUS_LOGIN_WINDOW_S"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ARGUS_DATA_DIR", str(tmp_path / "data"))
+    s = Settings.from_env(dotenv=False)
+    return dataclasses.replace(s, login_attempts=3, login_window_s=300.0)
+
+
+@pytest.fixture
+def store(settings):
+    s = SQLiteStore(settings.data_dir)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def auth(store, settings, clock):
+    return Authenticator(store, settings, bcrypt_rounds=4, clock=clock)
+
+
+@pytest.fixture
+def alice(auth):
+    return auth.create_user("alice@example.com", "Alice", PASSWORD)
+
+
+# ---- hashing ----
+def test_hash_does_not_contain_password_and_verifies():
+    h = hash_password(PASSWORD, rounds=4)
+    assert h.startswith("$2b$04$") and PASSWORD not in h
+    assert verify_password(PASSWORD, h)
+    assert not verify_password("wrong password", h)
+    assert hash_password(PASSWORD, rounds=4) != h  # salted
+
+
+def test_password_length_rules():
+    with pytest.raises(PasswordPolicyError, match="at least 8 characters"):
+        hash_password("short", rounds=4)
+    with pytest.raises(PasswordPolicyError, match="72 bytes"):
+        hash_password("a" * 73, rounds=4)
+    with pytest.raises(PasswordPolicyError, match="72 bytes"):
+        hash_password("ش" * 37, rounds=4)  # 37 chars but 74 bytes in UTF-8
+    assert verify_password("ش" * 36, hash_password("ش" * 36, rounds=4))
+
+
+def test_verify_never_raises():
+    assert not verify_password(PASSWORD, "not a bcrypt hash")
+    h = hash_password("a" * 72, rounds=4)
+    assert not verify_password("a" * 80, h)  # would match after bcrypt's truncation
+
+
+# ---- login ----
+def test_login_success_and_failures(auth, alice):
+    assert auth.login("  ALICE@example.com", PASSWORD, "10.0.0.1") == alice
+    assert auth.login("alice@example.com", "wrong password", "10.0.0.1") is None
+    assert auth.login("nobody@example.com", PASSWORD, "10.0.0.1") is None
+
+
+def test_overlong_email_never_matches_a_truncated_one(auth):
+    long_local = "a" * 242  # 242 + len("@example.com") == 254, the maximum
+    user = auth.create_user(long_local + "@example.com", "Long", PASSWORD)
+    assert auth.login(long_local + "@example.com", PASSWORD, "1.1.1.1") == user
+    assert auth.login(long_local + "@example.com" + "x" * 50, PASSWORD, "1.1.1.1") is None
+
+
+def test_unknown_email_is_checked_against_a_dummy_hash(auth, monkeypatch):
+    import argus.auth as mod
+
+    seen = []
+    real = mod.verify_password
+    monkeypatch.setattr(mod, "verify_password", lambda pw, h: seen.append(h) or real(pw, h))
+    assert auth.login("nobody@example.com", PASSWORD, "1.2.3.4") is None
+    assert seen and seen[0].startswith("$2b$04$")  # same cost as real hashes: same time
+
+
+def test_throttle_per_email(auth, alice, clock):
+    for i in range(3):  # different addresses: only the email limit applies
+        assert auth.login("alice@example.com", "wrong password", f"10.0.0.{i}") is None
+    with pytest.raises(LoginThrottled) as info:
+        auth.login("alice@example.com", PASSWORD, "10.0.0.99")  # even the right password
+    assert str(info.value) == "Too many failed sign-in attempts. Try again in 5 minutes."
+    assert info.value.retry_after_s == pytest.approx(300)
+    clock.now += 60
+    with pytest.raises(LoginThrottled, match="Try again in 4 minutes"):
+        auth.login("alice@example.com", PASSWORD, "10.0.0.99")
+    clock.now += 240.5
+    assert auth.login("alice@example.com", PASSWORD, "10.0.0.99") == alice
+
+
+def test_throttle_per_address(auth, alice, clock):
+    for i in range(3):  # different emails from one address
+        assert auth.login(f"guess{i}@example.com", "wrong password", "6.6.6.6") is None
+    with pytest.raises(LoginThrottled, match="Too many failed sign-in attempts"):
+        auth.login("alice@example.com", PASSWORD, "6.6.6.6")
+    assert auth.login("alice@example.com", PASSWORD, "7.7.7.7") == alice  # other addresses unaffected
+    clock.now += 290
+    with pytest.raises(LoginThrottled, match="Try again in 10 seconds"):
+        auth.check_login_allowed("x@example.com", "6.6.6.6")
+
+
+def test_success_resets_email_counter(auth, alice):
+    for i in range(2):
+        assert auth.login("alice@example.com", "wrong password", f"10.0.0.{i}") is None
+    assert auth.login("alice@example.com", PASSWORD, "10.0.1.1") == alice
+    for i in range(2):  # the two earlier failures were forgotten
+        assert auth.login("alice@example.com", "wrong password", f"10.0.2.{i}") is None
+    assert auth.login("alice@example.com", PASSWORD, "10.0.3.1") == alice
+
+
+# ---- sign-up ----
+def test_signup_first_user_is_admin(auth):
+    first = auth.signup("Owner@Example.com", "  Owner  Name ", PASSWORD, "1.1.1.1")
+    second = auth.signup("guest@example.com", "Guest", PASSWORD, "1.1.1.2")
+    assert (first.role, first.email, first.name) == ("admin", "owner@example.com", "Owner Name")
+    assert second.role == "user"
+    assert auth.login("owner@example.com", PASSWORD, "1.1.1.1") == first
+
+
+@pytest.mark.parametrize(
+    "email, name, password, message",
+    [
+        ("not-an-email", "A", PASSWORD, "Enter a valid email address"),
+        ("a@b", "A", PASSWORD, "Enter a valid email address"),
+        ("a b@example.com", "A", PASSWORD, "Enter a valid email address"),
+        ("a@example.com", "   ", PASSWORD, "Enter your name (1 to 80 characters)."),
+        ("a@example.com", "x" * 81, PASSWORD, "Enter your name (1 to 80 characters)."),
+        ("a@example.com", "A", "short", "Password must be at least 8 characters long."),
+        ("a@example.com", "A", "é" * 40, "Password is too long"),
+    ],
+)
+def test_signup_validation(auth, email, name, password, message):
+    with pytest.raises(SignupError) as info:
+        auth.signup(email, name, password, "1.1.1.1")
+    assert message in info.value.message
+    assert auth.store.count_users() == 0
+
+
+def test_signup_existing_email(auth, alice):
+    with pytest.raises(SignupError) as info:
+        auth.signup("ALICE@example.com", "Alice 2", PASSWORD, "1.1.1.1")
+    assert info.value.message == "An account with this email already exists."
+
+
+def test_signup_throttled_per_address(store, settings, clock):
+    auth = Authenticator(store, settings, bcrypt_rounds=4, clock=clock, signups_per_window=2, signup_window_s=3600)
+    auth.signup("a@example.com", "A", PASSWORD, "9.9.9.9")
+    auth.signup("b@example.com", "B", PASSWORD, "9.9.9.9")
+    with pytest.raises(SignupThrottled) as info:
+        auth.signup("c@example.com", "C", PASSWORD, "9.9.9.9")
+    assert info.value.message == "Too many sign-ups from your network. Try again in 60 minutes."
+    assert auth.signup("c@example.com", "C", PASSWORD, "9.9.9.8").role == "user"
+
+
+def test_nothing_sensitive_is_logged(auth, caplog):
+    caplog.set_level(logging.DEBUG)
+    user = auth.signup("a@example.com", "A", PASSWORD, "1.1.1.1")
+    auth.login("a@example.com", "wrong password", "1.1.1.1")
+    auth.login("a@example.com", PASSWORD, "1.1.1.1")
+    for record in caplog.records:
+        text = record.getMessage()
+        assert PASSWORD not in text and "wrong password" not in text and user.password_hash not in text
+
+
+# ---- the JWT secret ----
+def test_secret_generated_private_reused_and_not_logged(settings, monkeypatch, caplog):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    caplog.set_level(logging.DEBUG, logger="argus")
+    secret = ensure_auth_secret(settings)
+    path = settings.data_dir / "auth_secret"
+    assert len(secret) >= 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == secret
+    assert os.environ["CHAINLIT_AUTH_SECRET"] == secret
+    notices = [r for r in caplog.records if r.name.startswith("argus")]
+    assert len(notices) == 1 and str(path) in notices[0].getMessage()
+    assert all(secret not in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET")
+    assert ensure_auth_secret(settings) == secret
+    assert os.environ["CHAINLIT_AUTH_SECRET"] == secret
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+def test_secret_file_is_never_group_readable_even_with_lax_umask(settings, monkeypatch):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    old = os.umask(0)
+    try:
+        ensure_auth_secret(settings)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((settings.data_dir / "auth_secret").stat().st_mode) == 0o600
+
+
+def test_explicit_jwt_secret_wins(settings, monkeypatch):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    s = dataclasses.replace(settings, jwt_secret="from-the-environment-0123456789abcdef")
+    assert ensure_auth_secret(s) == "from-the-environment-0123456789abcdef"
+    assert os.environ["CHAINLIT_AUTH_SECRET"] == "from-the-environment-0123456789abcdef"
+    assert not (settings.data_dir / "auth_secret").exists()
+
+
+def test_loose_secret_file_is_tightened(settings, monkeypatch):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    settings.data_dir.mkdir(parents=True)
+    path = settings.data_dir / "auth_secret"
+    path.write_text("existing-secret\n")
+    path.chmod(0o644)
+    assert ensure_auth_secret(settings) == "existing-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

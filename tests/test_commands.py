@@ -1,0 +1,252 @@
+"""Slash commands: parsing, the registry, and each command against a real SQLiteStore."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from argus.commands import (
+    COMMANDS,
+    CommandContext,
+    ModelInfo,
+    ParsedCommand,
+    SessionState,
+    menu,
+    parse_command,
+    run_command,
+)
+from argus.commands.select import NOT_FOUND
+from argus.store import SQLiteStore
+
+LOCAL = ModelInfo(id="smollm2-135m-test", name="SmolLM2 135M (local)")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def alice(store):
+    return store.create_user("alice@example.com", "Alice", "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot")
+
+
+@pytest.fixture
+def bob(store):
+    return store.create_user("bob@example.com", "Bob", "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot")
+
+
+def ctx_for(store, user, state=None, models=(LOCAL,), page_size=10) -> CommandContext:
+    return CommandContext(store=store, user_id=user.id, state=state or SessionState(), models=list(models), page_size=page_size)
+
+
+async def run(ctx: CommandContext, text: str, command: str | None = None) -> str:
+    parsed = parse_command(text, command)
+    assert parsed is not None, f"{text!r} was not parsed as a command"
+    return await run_command(ctx, parsed)
+
+
+# ---- parsing -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, command, expected",
+    [
+        ("/help", None, ParsedCommand("help", "")),
+        ("  /convs 2  ", None, ParsedCommand("convs", "2")),
+        ("/CONVS\t3", None, ParsedCommand("convs", "3")),
+        ("/select abc\n", None, ParsedCommand("select", "abc")),
+        ("/model  smol  x", None, ParsedCommand("model", "smol  x")),
+        ("/", None, ParsedCommand("", "")),
+        ("/nope", None, ParsedCommand("nope", "")),
+        # chosen from Chainlit's command menu: message.command holds the name,
+        # the text holds only the arguments
+        ("2", "convs", ParsedCommand("convs", "2")),
+        ("", "new", ParsedCommand("new", "")),
+        ("/convs 2", "convs", ParsedCommand("convs", "2")),
+        # ordinary messages
+        ("hello /help", None, None),
+        ("what is 1/2?", None, None),
+        ("/usr/bin is a folder", None, None),
+        ("", None, None),
+        (None, None, None),
+    ],
+)
+def test_parse_command(text, command, expected):
+    assert parse_command(text, command) == expected
+
+
+def test_registry_and_menu():
+    assert list(COMMANDS) == ["help", "new", "convs", "select", "model"]
+    items = menu()
+    assert [i["id"] for i in items] == list(COMMANDS)
+    for item in items:  # the shape chainlit.types.CommandDict expects
+        assert set(item) >= {"id", "icon", "description"}
+        assert item["description"] and item["icon"]
+
+
+# ---- /help and unknown -----------------------------------------------------------
+async def test_help_lists_every_command(store, alice):
+    reply = await run(ctx_for(store, alice), "/help")
+    for cmd in COMMANDS.values():
+        assert cmd.usage in reply
+
+
+async def test_unknown_command_points_to_help(store, alice):
+    reply = await run(ctx_for(store, alice), "/frobnicate now")
+    assert "/frobnicate" in reply and "/help" in reply
+    reply = await run(ctx_for(store, alice), "/")
+    assert "/help" in reply
+
+
+# ---- /new -------------------------------------------------------------------------
+async def test_new_resets_the_conversation(store, alice):
+    conv = store.create_conversation(alice.id, "old", LOCAL.id)
+    state = SessionState(conversation_id=conv.id)
+    reply = await run(ctx_for(store, alice, state), "/new")
+    assert state.conversation_id is None
+    assert "new conversation" in reply.lower()
+
+
+async def test_new_rejects_arguments(store, alice):
+    state = SessionState(conversation_id="keep")
+    reply = await run(ctx_for(store, alice, state), "/new please")
+    assert "/help" in reply and state.conversation_id == "keep"
+
+
+# ---- /convs -------------------------------------------------------------------------
+async def test_convs_empty(store, alice):
+    reply = await run(ctx_for(store, alice), "/convs")
+    assert "no conversations" in reply.lower()
+
+
+async def test_convs_lists_newest_first_with_id_title_time(store, alice, bob):
+    a1 = store.create_conversation(alice.id, "First chat", LOCAL.id)
+    a2 = store.create_conversation(alice.id, "Second *chat*", LOCAL.id)
+    store.add_message(a1.id, alice.id, "user", "bump a1 so it is the most recent")
+    b1 = store.create_conversation(bob.id, "Bob's secret", LOCAL.id)
+    state = SessionState(conversation_id=a2.id)
+    reply = await run(ctx_for(store, alice, state), "/convs")
+    assert a1.id in reply and a2.id in reply
+    assert b1.id not in reply and "Bob's secret" not in reply
+    assert reply.index(a1.id) < reply.index(a2.id)  # a1 was updated last
+    assert "First chat" in reply and r"Second \*chat\*" in reply  # markdown escaped
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", reply)
+    current_line = next(line for line in reply.splitlines() if a2.id in line)
+    assert "current" in current_line
+
+
+async def test_convs_pages(store, alice):
+    convs = [store.create_conversation(alice.id, f"chat {i}", LOCAL.id) for i in range(5)]
+    ctx = ctx_for(store, alice, page_size=2)
+    p1, p2, p3 = [await run(ctx, f"/convs {n}") for n in (1, 2, 3)]
+    def ids(text):  # conversation ids in the order they appear in the reply
+        return sorted((c.id for c in convs if c.id in text), key=text.index)
+
+    assert len(ids(p1)) == 2 and len(ids(p2)) == 2 and len(ids(p3)) == 1
+    assert set(ids(p1)) | set(ids(p2)) | set(ids(p3)) == {c.id for c in convs}
+    assert "/convs 2" in p1 and "/convs 3" in p2 and "/convs 4" not in p3
+    assert ids(p1) == [convs[4].id, convs[3].id]  # newest first
+    p4 = await run(ctx, "/convs 4")
+    assert "no page 4" in p4.lower()
+
+
+@pytest.mark.parametrize("arg", ["two", "0", "-1", "1.5", "99999"])
+async def test_convs_bad_page(store, alice, arg):
+    reply = await run(ctx_for(store, alice), f"/convs {arg}")
+    assert "/help" in reply and "page" in reply.lower()
+
+
+async def test_convs_from_menu(store, alice):
+    store.create_conversation(alice.id, "menu chat", LOCAL.id)
+    reply = await run(ctx_for(store, alice), "", command="convs")
+    assert "menu chat" in reply
+
+
+# ---- /select -------------------------------------------------------------------------
+async def test_select_switches_and_shows_recent_messages(store, alice):
+    conv = store.create_conversation(alice.id, "Trip", LOCAL.id)
+    store.add_message(conv.id, alice.id, "user", "Where should I go?")
+    store.add_message(conv.id, alice.id, "assistant", "Try the mountains.")
+    store.add_message(conv.id, alice.id, "assistant", "partial ans", status="stopped")
+    state = SessionState()
+    reply = await run(ctx_for(store, alice, state), f"/select {conv.id}")
+    assert state.conversation_id == conv.id
+    assert "Trip" in reply
+    assert reply.index("Where should I go?") < reply.index("Try the mountains.")  # oldest first
+    assert "**You:**" in reply and "**Assistant:**" in reply
+    assert "partial ans _(stopped)_" in reply
+
+
+async def test_select_shows_only_the_last_messages(store, alice):
+    conv = store.create_conversation(alice.id, "Long", LOCAL.id)
+    for i in range(15):
+        store.add_message(conv.id, alice.id, "user", f"message number {i:02d}")
+    reply = await run(ctx_for(store, alice), f"/select {conv.id}")
+    assert "message number 14" in reply and "message number 05" in reply
+    assert "message number 04" not in reply
+
+
+async def test_select_other_users_conversation_is_indistinguishable_from_missing(store, alice, bob):
+    theirs = store.create_conversation(bob.id, "Bob's plans", LOCAL.id)
+    store.add_message(theirs.id, bob.id, "user", "secret stuff")
+    mine = store.create_conversation(alice.id, "mine", LOCAL.id)
+    state = SessionState(conversation_id=mine.id)
+    foreign = await run(ctx_for(store, alice, state), f"/select {theirs.id}")
+    missing = await run(ctx_for(store, alice, state), "/select 0123456789abcdef0123456789abcdef")
+    assert foreign == missing == NOT_FOUND == "No conversation with that id."
+    assert "secret" not in foreign
+    assert state.conversation_id == mine.id  # unchanged
+
+
+@pytest.mark.parametrize("args", ["", "a b", "x" * 500, "'; DROP TABLE conversations; --"])
+async def test_select_bad_arguments(store, alice, args):
+    state = SessionState()
+    reply = await run(ctx_for(store, alice, state), f"/select {args}")
+    assert reply == NOT_FOUND or "/help" in reply
+    assert state.conversation_id is None
+    assert store.list_conversations(alice.id).items == []  # the store is fine
+
+
+async def test_select_from_menu(store, alice):
+    conv = store.create_conversation(alice.id, "via menu", LOCAL.id)
+    state = SessionState()
+    await run(ctx_for(store, alice, state), conv.id, command="select")
+    assert state.conversation_id == conv.id
+
+
+# ---- /model ---------------------------------------------------------------------------
+async def test_model_shows_current_and_available(store, alice):
+    reply = await run(ctx_for(store, alice), "/model")
+    assert LOCAL.id in reply and LOCAL.name in reply and "current" in reply.lower()
+
+
+async def test_model_select_known_and_unknown(store, alice):
+    other = ModelInfo(id="other-model", name="Other")
+    state = SessionState()
+    ctx = ctx_for(store, alice, state, models=(LOCAL, other))
+    assert ctx.current_model == LOCAL  # default: the first
+    reply = await run(ctx, "/model OTHER-model")
+    assert state.model_id == "other-model" and "Other" in reply
+    assert ctx.current_model == other
+    reply = await run(ctx, "/model gpt-9")
+    assert "no model called" in reply.lower() and "gpt-9" in reply
+    assert LOCAL.id in reply and other.id in reply  # lists what is available
+    assert state.model_id == "other-model"  # unchanged
+    reply = await run(ctx, "/model a b")
+    assert "/help" in reply
+
+
+async def test_model_shows_a_load_problem(store, alice):
+    broken = ModelInfo(id="local", name="Local model", problem="The model file is missing.")
+    reply = await run(ctx_for(store, alice, models=(broken,)), "/model")
+    assert "The model file is missing." in reply
+
+
+async def test_commands_do_not_store_messages(store, alice):
+    conv = store.create_conversation(alice.id, "c", LOCAL.id)
+    state = SessionState(conversation_id=conv.id)
+    ctx = ctx_for(store, alice, state)
+    for text in ["/help", "/convs", f"/select {conv.id}", "/model", "/nope"]:
+        await run(ctx, text)
+    assert store.list_messages(conv.id, alice.id).items == []

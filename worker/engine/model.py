@@ -1,0 +1,172 @@
+"""LocalModel: a GGUF model, its tokenizer and a chain of stages, ready to chat.
+
+This is what the chat server's local provider and ``python -m worker.engine``
+use. One instance is shared by all users: every generation gets its own
+session (its own KV cache in every stage), so concurrent calls are safe.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .gguf_file import ModelFile, ModelLoadError, default_model_path
+from .sampling import Sampler, SamplingParams
+from .stage import Pipeline
+from .tokenizer import Tokenizer, TokenizerError
+
+
+class Generation:
+    """One generation, iterated in the caller's thread.
+
+    Iterating yields text pieces (whole UTF-8 characters). Afterwards:
+    ``finish_reason`` is "stop" (end-of-turn token), "length" (max tokens or
+    the context window), "cancelled" (``cancel`` was set) or "context" (the
+    prompt alone does not fit; nothing was generated); ``notice`` is a
+    sentence for the user or None; ``prompt_ids``/``generated_ids`` are the
+    token ids; ``dropped_messages`` counts history messages trimmed to fit.
+    """
+
+    def __init__(
+        self,
+        model: "LocalModel",
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        notice: Optional[str] = None,
+        dropped_messages: int = 0,
+    ):
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.cancel = cancel or threading.Event()
+        self.notice = notice
+        self.dropped_messages = dropped_messages
+        self.generated_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self._started = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated_ids)
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated once")
+        self._started = True
+        return self._run()
+
+    def _run(self) -> Iterator[str]:
+        m = self.model
+        ctx = m.context_length
+        if not self.prompt_ids or len(self.prompt_ids) >= ctx:
+            self.finish_reason = "context"
+            self.notice = self.notice or (
+                f"Your message is {len(self.prompt_ids)} tokens long and this model's context window holds {ctx}; "
+                "please send a shorter message."
+            )
+            return
+        max_new = min(self.params.max_tokens, ctx - len(self.prompt_ids))
+        sampler = Sampler(self.params)
+        decoder = m.tokenizer.stream_decoder()
+        session = uuid.uuid4().hex
+        try:
+            if self.cancel.is_set():
+                self.finish_reason = "cancelled"
+                return
+            logits = m.pipeline.forward(session, np.asarray(self.prompt_ids, dtype=np.int64), 0)[0]
+            pos = len(self.prompt_ids)
+            history = list(self.prompt_ids)
+            while True:
+                if self.cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    break
+                tok = sampler(logits, history)
+                if tok in m.tokenizer.stop_ids:
+                    self.finish_reason = "stop"
+                    break
+                self.generated_ids.append(tok)
+                history.append(tok)
+                piece = decoder.push(tok)
+                if piece:
+                    yield piece
+                if len(self.generated_ids) >= max_new:
+                    self.finish_reason = "length"
+                    if max_new < self.params.max_tokens:
+                        self.notice = "The answer was cut off: it reached the end of the model's context window."
+                    break
+                logits = m.pipeline.forward(session, np.asarray([tok], dtype=np.int64), pos)[0]
+                pos += 1
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        finally:
+            m.pipeline.drop_session(session)
+
+
+class LocalModel:
+    """A loaded model. Build with :meth:`load`.
+
+    Attributes: ``model_id`` (stable id from the file's tensor table),
+    ``display_name``, ``context_length`` (tokens), ``tokenizer``, ``pipeline``.
+    """
+
+    def __init__(self, mf: ModelFile, pipeline: Pipeline, tokenizer: Tokenizer):
+        self.file = mf
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.model_id = mf.model_id
+        self.context_length = mf.config.context_length
+        name = mf.field("general.name") or mf.field("general.basename") or "local model"
+        self.display_name = f"{name} (local)"
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, blocks_per_stage: Optional[int] = None) -> "LocalModel":
+        """Open ``path`` (default: :func:`default_model_path`) and dequantize its weights
+        into ``ceil(n_block / blocks_per_stage)`` chained stages (default one).
+
+        Raises ModelLoadError with a user-facing sentence on any failure.
+        """
+        mf = ModelFile(path or default_model_path())
+        try:
+            tokenizer = Tokenizer.from_gguf(mf.reader)
+        except TokenizerError as e:
+            raise ModelLoadError(f"{mf.path}: {e}") from None
+        try:
+            pipeline = Pipeline.load(mf, blocks_per_stage)
+        except (ValueError, MemoryError) as e:
+            raise ModelLoadError(f"Could not load {mf.path}: {e}") from None
+        return cls(mf, pipeline, tokenizer)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Optional[threading.Event] = None) -> Generation:
+        """A generation continuing ``prompt_ids`` (no template applied)."""
+        return Generation(self, prompt_ids, params, cancel)
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams, cancel: Optional[threading.Event] = None) -> Generation:
+        """A generation answering ``messages`` ([{"role", "content"}], oldest first), chat template applied.
+
+        When the conversation does not fit the context window with room for
+        the answer, the oldest messages after any system message are dropped
+        first (the newest message always stays); ``dropped_messages`` and
+        ``notice`` say so.
+        """
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        rest = msgs[len(system):]
+        reserve = min(params.max_tokens, self.context_length // 4)
+        dropped = 0
+        ids = self.tokenizer.encode_chat(system + rest)
+        while len(ids) + reserve > self.context_length and len(rest) > 1:
+            rest = rest[1:]
+            dropped += 1
+            ids = self.tokenizer.encode_chat(system + rest)
+        notice = None
+        if dropped:
+            notice = f"The conversation is longer than the model can read at once; the oldest {dropped} message(s) were left out."
+        return Generation(self, ids, params, cancel, notice=notice, dropped_messages=dropped)

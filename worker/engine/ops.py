@@ -1,0 +1,98 @@
+"""The Llama architecture as plain NumPy functions.
+
+Written in the manner of picoGPT: one function per operation, shapes in the
+signature comments, float32 throughout. Sources: Touvron et al. 2023
+(LLaMA, arXiv:2302.13971); RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467);
+RoPE, Su et al. 2021 (arXiv:2104.09864) in llama.cpp's "normal" form, which
+rotates adjacent pairs ``(x[2i], x[2i+1])`` of each head (GGUF's Q/K weights
+are stored permuted for this form); grouped-query attention, Ainslie et al.
+2023 (arXiv:2305.13245); SwiGLU, Shazeer 2020 (arXiv:2002.05202).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """[n, d] f32, [d] f32 -> [n, d] f32: x / sqrt(mean(x^2) + eps) * w."""
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """[n] int -> cos, sin: [n, head_dim // 2] f32 for positions ``positions``.
+
+    theta_i = base^(-2i / head_dim); angle = position * theta_i, computed in
+    float64 and rounded once, as llama.cpp does.
+    """
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [hd/2]
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [n, hd/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """[n, h, hd] f32, cos/sin [n, hd/2] -> [n, h, hd] f32; rotates adjacent pairs."""
+    x0 = x[..., 0::2]  # [n, h, hd/2]
+    x1 = x[..., 1::2]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """[..., m] f32 -> [..., m] f32, numerically stable along the last axis."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal grouped-query attention.
+
+    q: [n, n_head, hd] f32 for positions ``start_pos .. start_pos+n-1``;
+    k, v: [n_kv_head, t, hd] f32 for positions ``0 .. t-1`` (t = start_pos + n);
+    -> [n, n_head * hd] f32. Each KV head serves ``n_head // n_kv_head`` query heads.
+    """
+    n, n_head, hd = q.shape
+    n_kv, t, _ = k.shape
+    group = n_head // n_kv
+    qg = q.transpose(1, 0, 2).reshape(n_kv, group * n, hd)  # [kv, g*n, hd]  (head h = kv*group + g)
+    scores = (qg @ k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))  # [kv, g*n, t]
+    if n > 1:
+        qpos = start_pos + np.arange(n)  # [n]
+        mask = np.arange(t)[None, :] > qpos[:, None]  # [n, t]
+        scores = scores.reshape(n_kv, group, n, t)
+        scores[:, :, mask] = -np.inf
+        scores = scores.reshape(n_kv, group * n, t)
+    out = softmax(scores) @ v  # [kv, g*n, hd]
+    return out.reshape(n_head, n, hd).transpose(1, 0, 2).reshape(n, n_head * hd)
+
+
+def swiglu(x: np.ndarray, w_gate_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """[n, d] f32, [d, 2*f] f32, [f, d] f32 -> [n, d] f32: down(silu(x W_gate) * (x W_up))."""
+    gu = x @ w_gate_up  # [n, 2f]
+    f = w_down.shape[0]
+    g, u = gu[:, :f], gu[:, f:]
+    return ((g / (np.float32(1.0) + np.exp(-g))) * u) @ w_down
+
+
+def transformer_block(
+    x: np.ndarray, w: "BlockWeights", cfg: "LlamaConfig", cos: np.ndarray, sin: np.ndarray,
+    kv: "KVCache", layer: int, start_pos: int,
+) -> np.ndarray:
+    """One pre-norm Llama block. [n, d] f32 -> [n, d] f32.
+
+    Appends this step's keys/values (positions ``start_pos .. start_pos+n-1``)
+    to ``kv`` at ``layer`` and attends over the whole cached prefix.
+    """
+    n = x.shape[0]
+    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    qkv = rms_norm(x, w.attn_norm, cfg.norm_eps) @ w.qkv  # [n, (nh + 2 nkv) hd]
+    q = rope(qkv[:, : nh * hd].reshape(n, nh, hd), cos, sin)  # [n, nh, hd]
+    k = rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), cos, sin)  # [n, nkv, hd]
+    v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)  # [n, nkv, hd]
+    keys, values = kv.write(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2), start_pos)  # [nkv, t, hd] each
+    x = x + attention(q, keys, values, start_pos) @ w.wo  # [n, d]
+    return x + swiglu(rms_norm(x, w.ffn_norm, cfg.norm_eps), w.gate_up, w.down)
