@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, reference, reference_logits
-from worker.engine import BlockRange, ModelFile, ModelLoadError, LocalModel, Pipeline, SamplingParams, Stage
+from worker.engine import BlockRange, ModelLoadError, LocalModel, Pipeline, SamplingParams, Stage
 
 CASES = ["france", "persian_greeting"]
 

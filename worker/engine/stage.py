@@ -14,7 +14,7 @@ import numpy as np
 
 from .gguf_file import LlamaConfig, ModelFile
 from .kv_cache import KVCache
-from .ops import rms_norm, rope_tables, transformer_block
+from .ops import rms_norm, rope_rotations, transformer_block
 from .shard import BlockRange
 
 
@@ -73,6 +73,15 @@ class Stage:
         self.embedding, self.output_norm, self.output = embedding, output_norm, output
         self._sessions: dict[str, KVCache] = {}
         self._lock = threading.Lock()
+        self._rot = rope_rotations(np.arange(0), cfg.head_dim, cfg.rope_base)  # [positions, hd/2] complex64
+
+    def _rotations(self, start: int, end: int) -> np.ndarray:
+        """RoPE rotations for positions [start, end): [end - start, hd/2] complex64 (table grown by doubling)."""
+        rot = self._rot
+        if end > rot.shape[0]:
+            cap = max(end, 2 * rot.shape[0], 256)
+            rot = self._rot = rope_rotations(np.arange(cap), self.cfg.head_dim, self.cfg.rope_base)
+        return rot[start:end]
 
     @classmethod
     def from_model_file(cls, mf: ModelFile, shard: BlockRange) -> "Stage":
@@ -141,9 +150,9 @@ class Stage:
                 raise ValueError(f"stage {self.shard} expects hidden states [n, {cfg.d_model}], got {list(h.shape)}")
         n = h.shape[0]
         kv = self._cache(session_id)
-        cos, sin = rope_tables(np.arange(start_pos, start_pos + n), cfg.head_dim, cfg.rope_base)
+        rot = self._rotations(start_pos, start_pos + n)
         for j, w in enumerate(self.blocks):
-            h = transformer_block(h, w, cfg, cos, sin, kv, j, start_pos)
+            h = transformer_block(h, w, cfg, rot, kv, j, start_pos)
         kv.commit(start_pos + n)
         if not self.shard.is_last:
             return h
