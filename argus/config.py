@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 
 class ConfigError(ValueError):
@@ -76,7 +76,7 @@ class Settings:
         Raises ConfigError naming the variable when a value is unusable.
         """
         if dotenv:
-            load_dotenv(override=False)
+            load_dotenv(find_dotenv(usecwd=True), override=False)  # the .env of the directory the server runs in
         bps = _int("ARGUS_BLOCKS_PER_STAGE", 0, 0)
         return cls(
             data_dir=Path(os.environ.get("ARGUS_DATA_DIR", "").strip() or "./data").resolve(),

@@ -4,8 +4,11 @@
 
 Prints, from one run on this machine:
   * prefill tokens/s for a ``--prompt-tokens`` prompt, decode tokens/s over ``--new-tokens`` steps (medians);
-  * read bandwidth (GB/s, median of NumPy sums over a 1 GiB buffer);
-  * the f32 decode ceiling = bandwidth / weight bytes read per token, and decode / ceiling;
+  * read bandwidth (GB/s) by three probes over a 1 GiB f32 buffer — NumPy sum on one thread,
+    sums on two threads, and a BLAS matrix-vector product (the decode access pattern) —
+    each the median of 5; the ceiling uses the best of them, since decode's BLAS calls use
+    every core;
+  * the f32 decode ceiling = best bandwidth / weight bytes read per token, and decode / ceiling;
   * if ``llama_cpp`` is importable, llama.cpp's speeds on the same GGUF and our ratio to them.
 Decode is greedy through the whole chain and does not stop at end-of-turn, so every run
 decodes exactly ``--new-tokens`` tokens. Results go into docs/PERFORMANCE.md by hand.
@@ -16,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,16 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from worker.engine import LocalModel  # noqa: E402
 
 
-def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Read-only memory bandwidth in bytes/s: median over ``repeats`` sums of an ``n_bytes`` f32 buffer."""
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Read-only memory bandwidth in bytes/s by probe name; each the median of ``repeats`` passes
+    over an ``n_bytes`` f32 buffer (far larger than any cache)."""
     buf = np.ones(n_bytes // 4, dtype=np.float32)
     buf.sum()  # fault pages in
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(times)
+    halves = np.array_split(buf, 2)
+    side = int(np.sqrt(buf.size))
+    mat, vec = buf[: side * side].reshape(side, side), np.ones(side, np.float32)
+
+    def two_threads() -> None:
+        ts = [threading.Thread(target=h.sum) for h in halves]  # NumPy reductions release the GIL
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    probes = {"sum, 1 thread": (buf.sum, buf.nbytes), "sum, 2 threads": (two_threads, buf.nbytes),
+              "BLAS gemv": (lambda: mat @ vec, mat.nbytes)}
+    out = {}
+    for name, (fn, nbytes) in probes.items():
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = nbytes / statistics.median(times)
+    return out
 
 
 def bench_engine(model: LocalModel, prompt_tokens: int, new_tokens: int, repeats: int) -> tuple[float, float]:
@@ -89,12 +110,13 @@ def main() -> None:
     # weight bytes touched per decoded token: every block, the final norm and the (tied) output head;
     # the embedding row lookup is negligible.
     per_token = sum(b.nbytes for s in stages for b in s.blocks) + stages[-1].output.nbytes + stages[-1].output_norm.nbytes
-    bw = read_bandwidth()
-    ceiling = bw / per_token
     pre, dec = bench_engine(model, a.prompt_tokens, a.new_tokens, a.repeats)
+    probes = read_bandwidth()
+    bw = max(probes.values())
+    ceiling = bw / per_token
     print(f"model           {model.display_name}  ({len(stages)} stage(s), loaded in {load_s:.1f} s)")
     print(f"weights/token   {per_token / 1e6:.1f} MB (f32)")
-    print(f"read bandwidth  {bw / 1e9:.1f} GB/s")
+    print("read bandwidth  " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()) + f" GB/s -> best {bw / 1e9:.1f}")
     print(f"prefill         {pre:.0f} tok/s  ({a.prompt_tokens}-token prompt)")
     print(f"decode          {dec:.1f} tok/s  ({a.new_tokens} tokens)")
     print(f"f32 ceiling     {ceiling:.1f} tok/s   decode/ceiling = {dec / ceiling:.2f}  (target >= 0.90)")
