@@ -250,3 +250,39 @@ def test_cli_reports_a_missing_model_without_traceback(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chunked_prefill_equals_one_pass(local_model):
+    from worker.engine.model import prefill
+
+    ids = reference("persian_greeting")["prompt_ids"]
+    p = local_model.pipeline
+    whole = p.forward("one", np.array(ids), 0)[0]
+    chunked = prefill(p, "chunks", ids, chunk=7)
+    assert p.stages[0].session_length("chunks") == len(ids)
+    p.drop_session("one"); p.drop_session("chunks")
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
+    assert int(np.argmax(chunked)) == reference("persian_greeting")["greedy_ids"][0]
+
+
+def test_trimming_drops_the_fewest_messages_that_fit(local_model, monkeypatch):
+    monkeypatch.setattr(local_model, "context_length", 400)
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " + "word " * 20}
+               for i in range(15)]
+    gen = local_model.chat(history, SamplingParams.greedy(8))
+    d = gen.dropped_messages
+    budget = 400 - 8
+    assert len(gen.prompt_ids) <= budget
+    assert len(local_model.tokenizer.encode_chat(history[d - 1:])) > budget  # one fewer drop would not fit
+
+
+def test_kv_cache_grows_geometrically():
+    from worker.engine.kv_cache import KVCache
+
+    kv = KVCache(1, 1, 2)
+    caps = set()
+    for pos in range(5000):
+        kv.write(0, np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), pos)
+        kv.commit(pos + 1)
+        caps.add(kv._k[0].shape[1])
+    assert sorted(caps) == [256, 512, 1024, 2048, 4096, 8192]

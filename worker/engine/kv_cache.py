@@ -5,14 +5,16 @@ import numpy as np
 
 
 class KVCache:
-    """Keys and values of ``n_layers`` blocks for one session, grown in chunks.
+    """Keys and values of ``n_layers`` blocks for one session, grown geometrically
+    (capacity doubles, in multiples of ``CHUNK``), so a long session copies
+    O(length) bytes in total rather than O(length^2).
 
     Per layer: ``k, v`` of shape [n_kv_head, capacity, head_dim] f32; the first
     ``length`` positions are valid. Memory: 2 * n_layers * n_kv_head * length *
     head_dim * 4 bytes (SmolLM2-135M, 30 blocks: 46 KiB per token).
     """
 
-    CHUNK = 256  # positions added per growth step
+    CHUNK = 256  # capacity is a multiple of this many positions
 
     def __init__(self, n_layers: int, n_kv_head: int, head_dim: int):
         self.n_layers, self.n_kv_head, self.head_dim = n_layers, n_kv_head, head_dim
@@ -40,7 +42,7 @@ class KVCache:
             raise ValueError(f"position {start_pos} skips past the cached {self.length} positions")
         end = start_pos + k.shape[1]
         if end > self._k[layer].shape[1]:
-            new_cap = -(-end // self.CHUNK) * self.CHUNK
+            new_cap = -(-max(end, 2 * self._k[layer].shape[1]) // self.CHUNK) * self.CHUNK
             for store in (self._k, self._v):
                 grown = np.empty((self.n_kv_head, new_cap, self.head_dim), np.float32)
                 grown[:, : self.length] = store[layer][:, : self.length]

@@ -18,6 +18,25 @@ from .stage import Pipeline
 from .tokenizer import Tokenizer, TokenizerError
 
 
+#: Prompt tokens per prefill forward pass. Attention scores of a chunk take
+#: n_head * chunk * t * 4 bytes (SmolLM2: 9 * 256 * 8192 * 4 = 75 MB at a full
+#: 8192-token context), instead of growing with the square of the prompt.
+PREFILL_CHUNK = 256
+
+
+def prefill(pipeline: Pipeline, session: str, ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run ``ids`` through ``pipeline`` for ``session`` from position 0 in chunks of ``chunk`` tokens.
+
+    Returns the last position's logits [vocab] f32 (identical to one big pass up to
+    f32 summation order).
+    """
+    arr = np.asarray(ids, dtype=np.int64)
+    logits = None
+    for start in range(0, arr.size, chunk):
+        logits = pipeline.forward(session, arr[start : start + chunk], start)[0]
+    return logits
+
+
 class Generation:
     """One generation, iterated in the caller's thread.
 
@@ -80,7 +99,7 @@ class Generation:
             if self.cancel.is_set():
                 self.finish_reason = "cancelled"
                 return
-            logits = m.pipeline.forward(session, np.asarray(self.prompt_ids, dtype=np.int64), 0)[0]
+            logits = prefill(m.pipeline, session, self.prompt_ids)
             pos = len(self.prompt_ids)
             history = list(self.prompt_ids)
             while True:
@@ -154,18 +173,24 @@ class LocalModel:
         When the conversation does not fit the context window with room for
         the answer, the oldest messages after any system message are dropped
         first (the newest message always stays); ``dropped_messages`` and
-        ``notice`` say so.
+        ``notice`` say so. The fewest drops that fit are found by binary
+        search: O(log n) encodings of the conversation, not one per message.
         """
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         system = [m for m in msgs[:1] if m["role"] == "system"]
         rest = msgs[len(system):]
-        reserve = min(params.max_tokens, self.context_length // 4)
-        dropped = 0
-        ids = self.tokenizer.encode_chat(system + rest)
-        while len(ids) + reserve > self.context_length and len(rest) > 1:
-            rest = rest[1:]
-            dropped += 1
-            ids = self.tokenizer.encode_chat(system + rest)
+        budget = self.context_length - min(params.max_tokens, self.context_length // 4)
+        encode = lambda drop: self.tokenizer.encode_chat(system + rest[drop:])  # noqa: E731
+        ids, dropped = encode(0), 0
+        if len(ids) > budget and len(rest) > 1:
+            lo, hi = 1, len(rest) - 1  # the answer lies in [lo, hi]; hi (newest only) is the last resort
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(encode(mid)) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ids, dropped = encode(lo), lo
         notice = None
         if dropped:
             notice = f"The conversation is longer than the model can read at once; the oldest {dropped} message(s) were left out."
