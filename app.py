@@ -1,25 +1,50 @@
 """Jarvis Argus — the Chainlit app. Run: ``chainlit run app.py``.
 
 Thin on purpose: every hook forwards to :class:`argus.core.JarvisArgus`.
+A configuration problem at start-up (bad ``ARGUS_*`` value, weak
+``JWT_SECRET_KEY``, unusable data directory) ends the process with one line
+on stderr and exit status 1, without a traceback.
 """
-import logging
-from typing import Optional
+import os
 
-import chainlit as cl
+os.umask(0o077)  # first: uploads (.files/), the database and everything else we write are owner-only
 
-from argus.auth import ensure_auth_secret
-from argus.config import Settings
-from argus.core import JarvisArgus
-from argus.signup import install_signup_routes
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+from typing import Optional  # noqa: E402
 
-settings = Settings.from_env()
-logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-for _name in ("argus", "worker"):  # basicConfig is a no-op once Chainlit has configured logging
-    logging.getLogger(_name).setLevel(settings.log_level)
-ensure_auth_secret(settings)  # sets CHAINLIT_AUTH_SECRET before Chainlit checks it
-argus = JarvisArgus(settings)
-argus.start()  # loads the model in the background
-install_signup_routes(lambda: argus.auth)
+import chainlit as cl  # noqa: E402
+from chainlit.config import FILES_DIRECTORY  # noqa: E402
+
+from argus.auth import AuthSecretError, ensure_auth_secret  # noqa: E402
+from argus.config import ConfigError, Settings  # noqa: E402
+from argus.core import JarvisArgus  # noqa: E402
+from argus.limits import install_body_limits  # noqa: E402
+from argus.origins import restrict_origins  # noqa: E402
+from argus.signup import install_signup_routes  # noqa: E402
+from argus.store import StoreUnavailable  # noqa: E402
+
+
+def _start() -> tuple[Settings, JarvisArgus]:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("argus", "worker"):  # basicConfig is a no-op once Chainlit has configured logging
+        logging.getLogger(name).setLevel(settings.log_level)
+    ensure_auth_secret(settings)  # sets CHAINLIT_AUTH_SECRET before Chainlit checks it
+    with contextlib.suppress(OSError):  # Chainlit made it before this module ran, with the old umask
+        FILES_DIRECTORY.chmod(0o700)
+    restrict_origins()  # CORS and socket.io: CHAINLIT_URL's origin, or this host/port only
+    install_body_limits(settings.max_upload_bytes)  # 413 before Chainlit reads an oversized body
+    argus = JarvisArgus(settings)
+    argus.start()  # loads the model in the background
+    install_signup_routes(lambda: argus.auth)
+    return settings, argus
+
+
+try:
+    settings, argus = _start()
+except (ConfigError, AuthSecretError, StoreUnavailable) as _exc:
+    raise SystemExit(f"Jarvis Argus cannot start: {_exc}") from None
 
 
 @cl.password_auth_callback

@@ -50,7 +50,7 @@ def _users_list(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     store = open_store(settings)
     try:
-        users = store.list_users()  # type: ignore[attr-defined]  # SQLiteStore; not in the Store ABC yet
+        users = store.list_users()
     finally:
         store.close()
     if not users:

@@ -33,6 +33,8 @@ MAX_NAME_CHARS = 80
 MAX_EMAIL_CHARS = 254
 DEFAULT_BCRYPT_ROUNDS = 12
 SECRET_FILE = "auth_secret"
+MIN_SECRET_CHARS = 32
+_SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 
 
@@ -132,14 +134,28 @@ def ensure_auth_secret(settings: Settings) -> str:
 
     ``JWT_SECRET_KEY`` (``settings.jwt_secret``) wins when set. Otherwise the
     secret is read from ``<data_dir>/auth_secret``; on first run it is generated
-    (``secrets.token_urlsafe(48)``) and written there with mode 0600 (created
-    with ``O_EXCL``, never world-readable), and one notice is logged (without
-    the secret).
+    (``secrets.token_urlsafe(48)``, 64 characters) and written there with mode
+    0600 (created with ``O_EXCL``, never world-readable), and one notice is
+    logged (without the secret).
 
     Raises:
-        AuthSecretError: the file cannot be created or read, or is empty.
+        AuthSecretError: ``JWT_SECRET_KEY`` (or the file's secret) is shorter
+            than :data:`MIN_SECRET_CHARS` characters; or the file cannot be
+            created or read, or is empty. The message never contains the secret.
     """
-    secret = settings.jwt_secret or _file_secret(Path(settings.data_dir) / SECRET_FILE)
+    if settings.jwt_secret:
+        if len(settings.jwt_secret) < MIN_SECRET_CHARS:
+            raise AuthSecretError(f"JWT_SECRET_KEY must be at least {MIN_SECRET_CHARS} characters; {_SECRET_HINT}.")
+        secret = settings.jwt_secret
+    else:
+        path = Path(settings.data_dir) / SECRET_FILE
+        secret = _file_secret(path)
+        if len(secret) < MIN_SECRET_CHARS:
+            raise AuthSecretError(
+                f"The sign-in secret in {path} must be at least {MIN_SECRET_CHARS} characters; "
+                "delete the file to generate a new one, or set JWT_SECRET_KEY "
+                f"({_SECRET_HINT})."
+            )
     os.environ["CHAINLIT_AUTH_SECRET"] = secret
     return secret
 
@@ -258,23 +274,40 @@ class Authenticator:
         """The user when email and password match, else None (unknown email and
         wrong password are indistinguishable, in result and in timing).
 
-        A failure counts against both the email and ``client_ip``; a success
+        Every attempt first *reserves* a slot against both the email and
+        ``client_ip`` (so parallel attempts cannot all reach bcrypt before the
+        first failure is counted); a success gives the address's slot back and
         clears the email's count.
 
         Raises:
-            LoginThrottled: too many recent failures for this email or address.
+            LoginThrottled: too many recent failures for this email or address
+                (raised before any password check).
+            StoreUnavailable: the store failed (the reserved slots are given back).
         """
-        self.check_login_allowed(email, client_ip)
         ekey, ikey = self._keys(email, client_ip)
-        email = normalize_email(email)
-        user = self.store.get_user_by_email(email) if len(email) <= MAX_EMAIL_CHARS else None
-        ok = verify_password(password, user.password_hash if user else self._dummy_hash)
+        self._reserve(ekey, ikey)
+        try:
+            email = normalize_email(email)
+            user = self.store.get_user_by_email(email) if len(email) <= MAX_EMAIL_CHARS else None
+            ok = verify_password(password, user.password_hash if user else self._dummy_hash)
+        except BaseException:
+            self._by_email.undo(ekey)
+            self._by_ip.undo(ikey)
+            raise
         if user is not None and ok:
             self._by_email.reset(ekey)
+            self._by_ip.undo(ikey)
             return user
-        self._by_email.hit(ekey)
-        self._by_ip.hit(ikey)
         return None
+
+    def _reserve(self, ekey: str, ikey: str) -> None:
+        """Record one attempt for both keys, or none and raise LoginThrottled."""
+        if self._by_email.hit(ekey):
+            if self._by_ip.hit(ikey):
+                return
+            self._by_email.undo(ekey)
+        wait = max(self._by_email.retry_after(ekey), self._by_ip.retry_after(ikey))
+        raise LoginThrottled(wait)
 
     def create_user(self, email: str, name: str, password: str, role: Optional[str] = None) -> User:
         """Validate, hash and store a user, without throttling (admin CLI).

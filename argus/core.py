@@ -6,12 +6,21 @@ it. This module owns:
 * the shared local model, loaded once in a background thread at start-up; if
   loading fails, the :class:`~worker.engine.ModelLoadError` sentence is kept
   and every chat is answered with it (no traceback reaches the user);
-* the per-user message rate limit (``settings.messages_per_minute`` per 60 s);
+* the per-user rate limits: chat messages (``settings.messages_per_minute``
+  per 60 s) and slash commands (:data:`COMMANDS_PER_MINUTE`); messages longer
+  than :data:`MAX_MESSAGE_CHARS` are refused before anything is stored;
 * slash commands (``argus.commands``), answered directly, never sent to the
   model nor stored;
 * image uploads (``argus.uploads``): checked, stored, acknowledged;
-* conversation memory: the stored messages of the current conversation are
-  the model's history (the engine trims the oldest to fit its window);
+* storing the user's message *first* (conversation, attachments, message;
+  shielded from the stop button), before waiting for the model, for the
+  session's previous answer or for a generation slot; a stop while waiting
+  keeps the message and records an empty ``stopped`` answer;
+* conversation memory: the stored messages of the current conversation up to
+  the message being answered are the model's history (the engine trims the
+  oldest to fit its window);
+* at most :data:`MAX_CONCURRENT_GENERATIONS` answers generated at once over all
+  users (each holds a KV cache); others wait for a slot, with a short note;
 * streaming the answer to the browser (``argus.streaming``) and storing it as
   ``complete``, ``stopped`` (partial text kept) or ``error``;
 * sign-in (``password_auth``); the client address and the 429 "too many
@@ -25,13 +34,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import threading
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional, TypeVar
 
 import chainlit as cl
 
 from argus.auth import Authenticator, LoginThrottled
+from argus.auth import _humanize as humanize_wait
 from argus.commands import (
     CommandContext,
     ModelInfo,
@@ -45,12 +55,13 @@ from argus.commands.base import one_line
 from argus.config import Settings
 from argus.ratelimit import SlidingWindowLimiter
 from argus.signup import current_client_ip
-from argus.store import NotFound, Store, StoreError, StoreUnavailable, open_store
+from argus.store import NotFound, Store, StoreError, open_store
 from argus.streaming import StreamHandle, StreamResult, stream_pieces
 from argus.uploads import UploadCheck, check_files
 from worker.engine import LocalModel, ModelLoadError, SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Key of our :class:`SessionState` in ``cl.user_session``.
 STATE_KEY = "argus"
@@ -60,6 +71,16 @@ HISTORY_LIMIT = 50
 TITLE_CHARS = 60
 #: Id/name used for the local model while it is loading or when it failed.
 LOCAL_MODEL_FALLBACK_ID = "local"
+#: Extra stored rows read when looking for the message being answered (rows of
+#: messages queued after it, which its history leaves out).
+HISTORY_SLACK = 20
+#: Longest chat message accepted, in characters (Chainlit itself takes ~1 MB).
+MAX_MESSAGE_CHARS = 16_000
+#: Answers generated at the same time over all users; each can hold a KV cache
+#: of hundreds of MB at full context, and a small server has few cores.
+MAX_CONCURRENT_GENERATIONS = 2
+#: Slash commands a user may run per minute (cheap, but each hits the store).
+COMMANDS_PER_MINUTE = 60
 
 TEXT_ONLY_NOTICE = "The local model reads text only; I stored your image and answered the text."
 TEXT_ONLY_NOTICE_NO_TEXT = "The local model reads text only; I stored your image. Add some text to get an answer."
@@ -70,6 +91,68 @@ ACCOUNT_GONE = "Your account no longer exists; please sign in again."
 CONVERSATION_GONE = "That conversation is no longer available; send your message again to start a new one."
 EMPTY_MESSAGE = "Send some text (or an image) and I'll answer."
 STOPPED_MARK = "_(stopped)_"
+WAITING_FOR_SLOT = "_Other answers are being generated right now; yours starts as soon as one finishes…_"
+
+
+def too_long_message(chars: int) -> str:
+    """The one sentence refusing a message of ``chars`` characters."""
+    return (
+        f"Your message is too long ({chars:,} characters; the limit is {MAX_MESSAGE_CHARS:,}), "
+        "so I did not save or answer it; please shorten it and send it again."
+    )
+
+
+async def _unstoppable(aw: Awaitable[T]) -> tuple[T, bool]:
+    """Run ``aw`` to its end even if the calling task is cancelled meanwhile.
+
+    Returns ``(result, cancelled)``; ``cancelled`` is True when a cancellation
+    (the stop button) arrived while waiting: the caller finishes its
+    bookkeeping and then raises ``CancelledError`` itself. Exceptions of
+    ``aw`` propagate.
+    """
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(fut), cancelled
+        except asyncio.CancelledError:
+            if fut.cancelled():  # the work itself was cancelled, not just us
+                raise
+            if fut.done():
+                return fut.result(), True
+            cancelled = True
+
+
+@dataclass(eq=False)
+class Turn:
+    """A stored chat message waiting for (or getting) its answer.
+
+    Attributes:
+        conv_id, user_id: where it is stored.
+        message_id: the stored user message.
+        answer_id: an empty ``stopped`` assistant row stored right after the
+            user message, made when a later message of the session is stored
+            before this one is answered (rows then still read question,
+            answer, question, answer); the answer fills it in.
+        answered: the answer row was written (or attempted).
+    """
+
+    conv_id: str
+    user_id: str
+    message_id: str
+    answer_id: Optional[str] = None
+    answered: bool = False
+
+
+@dataclass
+class Intake:
+    """What storing a chat message gave: the checked uploads, and the turn to
+    answer (None when there is no text; ``stored`` False when nothing was)."""
+
+    check: UploadCheck
+    stored: bool = False
+    turn: Optional[Turn] = None
+    conv_id: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------
@@ -122,6 +205,13 @@ class ModelHolder:
         self.start()
         return await asyncio.wrap_future(self._future)
 
+    def loaded(self) -> Optional[LocalModel]:
+        """The model if it has finished loading (successfully), else None; never waits."""
+        f = self._future
+        if f.done() and f.exception() is None:
+            return f.result()
+        return None
+
     def info(self) -> ModelInfo:
         """What ``/model`` shows, without waiting."""
         if not self._future.done():
@@ -145,6 +235,7 @@ class JarvisArgus:
         model_loader: blocking callable returning the model; defaults to
             ``LocalModel.load(settings.model_path, settings.blocks_per_stage)``.
         authenticator: defaults to ``Authenticator(store, settings)``.
+        max_generations: answers generated at once over all sessions.
 
     Call :meth:`start` once (it starts loading the model in the background).
     """
@@ -156,11 +247,15 @@ class JarvisArgus:
         *,
         model_loader: Optional[Callable[[], LocalModel]] = None,
         authenticator: Optional[Authenticator] = None,
+        max_generations: int = MAX_CONCURRENT_GENERATIONS,
     ):
         self.settings = settings
         self.store = store if store is not None else open_store(settings)
         self.auth = authenticator or Authenticator(self.store, settings)
         self.limiter = SlidingWindowLimiter(settings.messages_per_minute, 60.0)
+        self.command_limiter = SlidingWindowLimiter(COMMANDS_PER_MINUTE, 60.0)
+        #: Generation slots, shared by every session (see _take_slot).
+        self.slots = asyncio.Semaphore(max_generations)
         self.model = ModelHolder(
             model_loader or (lambda: LocalModel.load(settings.model_path, settings.blocks_per_stage))
         )
@@ -237,52 +332,72 @@ class JarvisArgus:
             log.exception("store error at chat start")
 
     async def on_stop(self) -> None:
-        """Chainlit's stop button: stop the running generation (its partial text is kept)."""
+        """Chainlit's stop button: stop everything this session is doing.
+
+        Chainlit cancels only the newest message task; this also stops the
+        running generation (its partial text is kept) and cancels the
+        session's other message tasks (waiting for the model, for the
+        previous answer or for a slot). Each keeps its stored message and
+        records an empty ``stopped`` answer.
+        """
         state = cl.user_session.get(STATE_KEY)
-        handle = getattr(state, "stream", None)
+        if not isinstance(state, SessionState):
+            return
+        handle = state.stream
         if isinstance(handle, StreamHandle):
             handle.cancel()
+        current = asyncio.current_task()
+        for task in list(state.tasks):
+            if task is not current and not task.done() and not task.cancelling():
+                task.cancel()
 
     async def on_message(self, message: cl.Message) -> None:
         """Answer one chat message: a command, or text (+ images) for the model.
 
         Never raises for expected failures (store down, model missing, bad
-        upload): each becomes one sentence in the chat. Re-raises
-        ``CancelledError`` after the partial answer is saved.
+        upload, too long, too fast): each becomes one sentence in the chat.
+        Re-raises ``CancelledError`` after the message (and any partial
+        answer) is saved.
         """
         uid = self._user_id()
         if uid is None:
             await self._say(SIGNED_OUT)
             return
+        content = message.content or ""
+        if len(content) > MAX_MESSAGE_CHARS:
+            await self._say(too_long_message(len(content)))
+            return
         state = self._state()
+        task = asyncio.current_task()
+        state.tasks.add(task)
         try:
-            parsed = parse_command(message.content, getattr(message, "command", None))
+            parsed = parse_command(content, getattr(message, "command", None))
             if parsed is not None:
+                if not self.command_limiter.hit(uid):
+                    await self._say(self.rate_limit_message(self.command_limiter.retry_after(uid), commands=True))
+                    return
                 await self._say(await self.run_command(parsed, uid, state))
                 return
             if not self.limiter.hit(uid):
                 await self._say(self.rate_limit_message(self.limiter.retry_after(uid)))
                 return
-            async with state.busy:
-                await self._chat(message, uid, state)
-        except StoreUnavailable:
-            log.exception("store unavailable")
-            await self._say(STORE_DOWN)
+            await self._chat(message, uid, state)
         except NotFound:  # the current conversation vanished meanwhile
             log.warning("conversation %s not found for user %s", state.conversation_id, uid)
             state.conversation_id = None
             await self._say(CONVERSATION_GONE)
-        except StoreError:
+        except StoreError:  # StoreUnavailable included
             log.exception("store error")
             await self._say(STORE_DOWN)
+        finally:
+            state.tasks.discard(task)
 
-    def rate_limit_message(self, retry_after_s: float) -> str:
-        """One sentence: the limit and how many seconds to wait."""
-        wait = max(1, math.ceil(retry_after_s))
-        per = self.settings.messages_per_minute
+    def rate_limit_message(self, retry_after_s: float, *, commands: bool = False) -> str:
+        """One sentence: the limit and how long to wait (chat messages, or commands)."""
+        what, per = ("commands", COMMANDS_PER_MINUTE) if commands else ("messages", self.settings.messages_per_minute)
         return (
-            f"You're sending messages too fast (limit: {per} per minute); "
-            f"please wait {wait} second{'s' if wait != 1 else ''} and try again."
+            f"You're sending {what} too fast (limit: {per} per minute); "
+            f"please wait {humanize_wait(retry_after_s)} and try again."
         )
 
     async def run_command(self, parsed: ParsedCommand, user_id: str, state: SessionState) -> str:
@@ -296,53 +411,106 @@ class JarvisArgus:
         return await run_command(ctx, parsed)
 
     # ---- chat ----------------------------------------------------------------
+    def _model_id_now(self, state: SessionState) -> str:
+        """The id to record for this session's model, without waiting for the load."""
+        model = self.model.loaded()
+        return model.model_id if model is not None else (state.model_id or LOCAL_MODEL_FALLBACK_ID)
+
     async def _chat(self, message: cl.Message, user_id: str, state: SessionState) -> None:
         text = (message.content or "").strip()
+        # Store first, shielded: a stop (even a cancellation of this task while
+        # it waits for the model or for the previous answer) keeps the message.
+        intake, cancelled = await _unstoppable(self._store_user_message(message, text, user_id, state))
+        turn = intake.turn
+        try:
+            if cancelled:
+                raise asyncio.CancelledError()
+            check = intake.check
+            if not intake.stored:
+                await self._say("\n".join(check.rejections) or EMPTY_MESSAGE)
+                return
+            notes = list(check.rejections)
+            conv_id = intake.conv_id
+            if check.images and (not text or conv_id not in state.text_only_notice):
+                state.text_only_notice.add(conv_id)
+                notes.append(TEXT_ONLY_NOTICE if text else TEXT_ONLY_NOTICE_NO_TEXT)
+            if notes:
+                await self._say("\n\n".join(notes))
+            if turn is None:  # an image without text: stored, nothing to answer
+                return
+            await self._respond(turn, state)
+        except asyncio.CancelledError:
+            if turn is not None and not turn.answered:  # stopped before the answer began
+                try:
+                    await _unstoppable(self._record_answer(turn, state, "", "stopped", self._model_id_now(state)))
+                except StoreError:
+                    log.exception("could not record the stop of message %s", turn.message_id)
+            raise
+        finally:
+            if turn is not None and turn in state.turns:
+                state.turns.remove(turn)
+
+    async def _store_user_message(self, message: cl.Message, text: str, user_id: str, state: SessionState) -> Intake:
+        """Check the uploads, then store conversation, attachments and message (run shielded)."""
         elements = list(getattr(message, "elements", None) or [])
         check = UploadCheck()
         if elements:
             check = await asyncio.to_thread(check_files, elements, self.settings.max_upload_bytes)
         if not text and not check.images:
-            await self._say("\n".join(check.rejections) or EMPTY_MESSAGE)
-            return
-
-        model: Optional[LocalModel] = None
-        model_error: Optional[str] = None
-        try:
-            model = await self.model.get()
-        except ModelLoadError as e:
-            model_error = str(e)
-        model_id = model.model_id if model is not None else (state.model_id or LOCAL_MODEL_FALLBACK_ID)
-
-        conv_id = await self._ensure_conversation(state, user_id, text, check, model_id)
-        attachment_ids = []
-        for img in check.images:
-            att = await asyncio.to_thread(self.store.save_attachment, user_id, img.name, img.mime, img.data)
-            attachment_ids.append(att.id)
-        await asyncio.to_thread(
-            self.store.add_message, conv_id, user_id, "user", text,
-            status="complete", model=model_id, attachment_ids=attachment_ids,
-        )
-
-        notes = list(check.rejections)
-        if check.images and (not text or conv_id not in state.text_only_notice):
-            state.text_only_notice.add(conv_id)
-            notes.append(TEXT_ONLY_NOTICE if text else TEXT_ONLY_NOTICE_NO_TEXT)
-        if notes:
-            await self._say("\n\n".join(notes))
-        if not text:
-            return
-
-        if model is None:
-            await self._say(model_error or GENERATION_FAILED)
-            await asyncio.to_thread(
-                self.store.add_message, conv_id, user_id, "assistant", model_error or "",
-                status="error", model=model_id,
+            return Intake(check)
+        async with state.intake:
+            model_id = self._model_id_now(state)
+            conv_id = await self._ensure_conversation(state, user_id, text, check, model_id)
+            # Messages of this session still waiting for their answer get their
+            # (empty) answer row now, so the stored rows keep question → answer order.
+            for earlier in state.turns:
+                if earlier.conv_id == conv_id and earlier.answer_id is None and not earlier.answered:
+                    row = await asyncio.to_thread(
+                        self.store.add_message, conv_id, user_id, "assistant", "", status="stopped", model=model_id,
+                    )
+                    earlier.answer_id = row.id
+            attachment_ids = []
+            for img in check.images:
+                att = await asyncio.to_thread(self.store.save_attachment, user_id, img.name, img.mime, img.data)
+                attachment_ids.append(att.id)
+            stored = await asyncio.to_thread(
+                self.store.add_message, conv_id, user_id, "user", text,
+                status="complete", model=model_id, attachment_ids=attachment_ids,
             )
-            return
+            turn = None
+            if text:
+                turn = Turn(conv_id=conv_id, user_id=user_id, message_id=stored.id)
+                state.turns.append(turn)
+        return Intake(check, stored=True, turn=turn, conv_id=conv_id)
 
-        history = await self._history(conv_id, user_id)
-        await self._answer(model, history, conv_id, user_id, model_id, state)
+    async def _record_answer(self, turn: Turn, state: SessionState, content: str, status: str, model_id: str) -> None:
+        """Store ``turn``'s answer row (filling its placeholder row if it has one)."""
+        async with state.intake:
+            turn.answered = True
+            if turn.answer_id is None:
+                await asyncio.to_thread(
+                    self.store.add_message, turn.conv_id, turn.user_id, "assistant", content,
+                    status=status, model=model_id,
+                )
+            else:
+                await asyncio.to_thread(
+                    self.store.update_message, turn.answer_id, turn.user_id, content=content, status=status,
+                )
+
+    async def _respond(self, turn: Turn, state: SessionState) -> None:
+        """Wait for the session's previous answer and the model, then answer ``turn``."""
+        async with state.busy:  # answers of one session come one after the other, in order
+            try:
+                model = await self.model.get()
+            except ModelLoadError as e:
+                model_error = str(e) or GENERATION_FAILED
+                await self._say(model_error)
+                await _unstoppable(self._record_answer(
+                    turn, state, model_error, "error", state.model_id or LOCAL_MODEL_FALLBACK_ID,
+                ))
+                return
+            history = await self._history(turn.conv_id, turn.user_id, upto=turn.message_id)
+            await self._answer(model, history, turn, state)
 
     async def _ensure_conversation(
         self, state: SessionState, user_id: str, text: str, check: UploadCheck, model_id: str
@@ -354,11 +522,26 @@ class JarvisArgus:
         state.conversation_id = conv.id
         return conv.id
 
-    async def _history(self, conv_id: str, user_id: str) -> list[dict]:
-        """The conversation's recent messages, oldest first, as model messages."""
-        page = await asyncio.to_thread(self.store.list_messages, conv_id, user_id, HISTORY_LIMIT)
+    async def _history(self, conv_id: str, user_id: str, upto: Optional[str] = None) -> list[dict]:
+        """The conversation's recent messages, oldest first, as model messages.
+
+        ``upto``: the id of the user message being answered; it is the last
+        message of the history, and rows stored after it (messages sent while
+        it waited, their placeholder answers) are left out. Error rows, empty
+        rows (e.g. stopped before answering) and other roles are skipped.
+        """
+        limit = HISTORY_LIMIT if upto is None else HISTORY_LIMIT + HISTORY_SLACK
+        page = await asyncio.to_thread(self.store.list_messages, conv_id, user_id, limit)
+        items = page.items  # newest first
+        if upto is not None:
+            ids = [m.id for m in items]
+            if upto in ids:
+                items = items[ids.index(upto):]
+            else:
+                log.warning("message %s not among the last %d of conversation %s", upto, limit, conv_id)
+            items = items[:HISTORY_LIMIT]
         out = []
-        for m in reversed(page.items):
+        for m in reversed(items):
             if m.role not in ("user", "assistant") or m.status == "error" or not m.content.strip():
                 continue
             out.append({"role": m.role, "content": m.content})
@@ -375,21 +558,66 @@ class JarvisArgus:
             max_tokens=s.max_new_tokens,
         )
 
-    async def _answer(
-        self,
-        model: LocalModel,
-        history: list[dict],
-        conv_id: str,
-        user_id: str,
-        model_id: str,
-        state: SessionState,
-    ) -> None:
+    # ---- generation slots ----------------------------------------------------
+    async def _take_slot(self) -> None:
+        """Wait for a generation slot; while waiting, show a short note (removed after).
+
+        Cancellation while waiting propagates with no slot taken.
+        """
+        if not self.slots.locked():
+            await self.slots.acquire()  # free: returns at once
+            return
+        note = cl.Message(content=WAITING_FOR_SLOT)
+        await note.send()
+        try:
+            await self.slots.acquire()
+        except BaseException:
+            await self._remove_quietly(note)
+            raise
+        try:
+            await self._remove_quietly(note)
+        except BaseException:  # cancelled while removing the note: give the slot back
+            self.slots.release()
+            raise
+
+    @staticmethod
+    async def _remove_quietly(msg: cl.Message) -> None:
+        try:
+            await msg.remove()
+        except Exception:
+            log.warning("could not remove a note from the chat", exc_info=True)
+
+    def _release_slot_after(self, producer: Optional[threading.Thread]) -> None:
+        """Give the slot back once ``producer`` (the generation thread) has ended.
+
+        After a stop the consumer returns at once while the thread finishes its
+        current step; the slot (CPU, KV cache) is only free once it has.
+        """
+        if producer is None or not producer.is_alive():
+            self.slots.release()
+            return
+        loop = asyncio.get_running_loop()
+
+        def wait() -> None:
+            producer.join()
+            try:
+                loop.call_soon_threadsafe(self.slots.release)
+            except RuntimeError:  # the loop is closed: nobody waits for slots any more
+                pass
+
+        threading.Thread(target=wait, name="argus-slot-release", daemon=True).start()
+
+    # ---- answering -----------------------------------------------------------
+    async def _answer(self, model: LocalModel, history: list[dict], turn: Turn, state: SessionState) -> None:
         params = self.sampling_params()
+        model_id = model.model_id
+        await self._take_slot()  # a stop while waiting: _chat records "stopped before answering"
         handle = StreamHandle()
         state.stream = handle
         msg = cl.Message(content="")
+        result: Optional[StreamResult] = None
         try:
-            result: StreamResult = await stream_pieces(
+            result = await stream_pieces(
                 lambda: model.chat(history, params, handle.cancel_event),
                 msg.stream_token,
                 handle,
@@ -398,6 +626,7 @@ class JarvisArgus:
         finally:
             if state.stream is handle:
                 state.stream = None
+            self._release_slot_after(result.producer if result is not None else None)
 
         gen = result.source
         finish = getattr(gen, "finish_reason", None)
@@ -405,17 +634,16 @@ class JarvisArgus:
         status = result.status
         text = result.text
         if status == "error":
-            log.error("generation failed", exc_info=result.error)
+            where = "sending the answer to the browser" if result.sink_failed else "generation"
+            log.error("%s failed (conversation %s)", where, turn.conv_id, exc_info=result.error)
         elif status == "complete" and finish == "context" and not text:
             status = "error"  # the prompt did not fit: nothing was generated
 
         stored = text if text or status != "error" else (notice or GENERATION_FAILED)
         # Save first, shielded: a second stop must not lose the answer.
-        save = asyncio.ensure_future(asyncio.to_thread(
-            self.store.add_message, conv_id, user_id, "assistant", stored, status=status, model=model_id,
-        ))
+        cancelled = False
         try:
-            await asyncio.shield(save)
+            _, cancelled = await _unstoppable(self._record_answer(turn, state, stored, status, model_id))
         except StoreError:
             log.exception("could not store the answer")
             notice = (notice + " " if notice else "") + "The answer could not be saved."
@@ -430,8 +658,13 @@ class JarvisArgus:
         else:
             shown = text if text.strip() else "_(The model gave an empty answer.)_"
         msg.content = shown
-        await msg.send()
-        if notice:
-            await self._say(f"_{notice}_")
-        if result.task_cancelled:
+        try:
+            await msg.send()
+            if notice:
+                await self._say(f"_{notice}_")
+        except Exception:
+            if not result.sink_failed:
+                raise
+            log.warning("could not show the answer either (the browser is likely gone)", exc_info=True)
+        if result.task_cancelled or cancelled:
             raise asyncio.CancelledError()

@@ -4,6 +4,9 @@ Used for failed-login throttling (per email and per client address) and for
 the per-user message rate. A window of ``limit`` events per ``window_s``
 seconds: :meth:`SlidingWindowLimiter.hit` records an event and says whether
 it was allowed; :meth:`retry_after` tells the caller how long to wait.
+Callers that must not let parallel requests slip past the limit *reserve*
+a slot with :meth:`hit` before doing the work and give it back with
+:meth:`undo` when it should not count.
 """
 from __future__ import annotations
 
@@ -82,3 +85,14 @@ class SlidingWindowLimiter:
         """Forget ``key``'s events (e.g. after a successful login)."""
         with self._lock:
             self._events.pop(key, None)
+
+    def undo(self, key: str) -> None:
+        """Remove ``key``'s most recent event: give back a slot taken by :meth:`hit`
+        that turned out not to count (e.g. a sign-in that succeeded). No-op
+        when ``key`` has no events left in the window."""
+        with self._lock:
+            q = self._trim(key, self._clock())
+            if q:
+                q.pop()
+                if not q:
+                    del self._events[key]

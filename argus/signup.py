@@ -12,7 +12,8 @@ Routes (under Chainlit's root path):
 - ``GET /signup``: a self-contained HTML form (no external assets).
 - ``POST /signup``: JSON or form body ``email, name, password[, confirm]``;
   answers ``{"ok": true}`` (201) or ``{"ok": false, "error": "..."}``
-  with 400, 403 (cross-site), 413 (too large) or 429 (throttled).
+  with 400, 403 (cross-site), 413 (too large; bodies over 16 KiB are already
+  refused by ``argus.limits`` before they reach this route) or 429 (throttled).
 - ``POST /login`` (unless ``guard_login=False``): answers 429 with
   ``{"detail": "Too many failed sign-in attempts. Try again in 4 minutes."}``
   while the email or client address is throttled, otherwise hands the request
@@ -59,8 +60,8 @@ def _client_host(request: Request) -> Optional[str]:
 def _same_origin(request: Request) -> bool:
     """CSRF guard. Browsers always send ``Origin`` on cross-site POSTs; it must
     name this server: the ``Host`` header (a reverse proxy must pass it on) or
-    the host of ``CHAINLIT_URL``. ``X-Forwarded-Host`` is not trusted: Chainlit's
-    permissive CORS would let a foreign page set it. Without an ``Origin``
+    the host of ``CHAINLIT_URL``. ``X-Forwarded-Host`` is not trusted (any
+    client can send it). Without an ``Origin``
     (non-browser clients) only a JSON body is accepted, which a cross-site
     HTML form cannot send."""
     origin = request.headers.get("origin")

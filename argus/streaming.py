@@ -17,7 +17,11 @@ passed on to the model, which checks it between tokens). It is set
   ``task_cancelled == True``) so the caller can store it and then re-raise.
 
 A producer exception never escapes into the loop: it becomes a result with
-``status == "error"`` and the exception in :attr:`StreamResult.error`.
+``status == "error"`` and the exception in :attr:`StreamResult.error`. So does
+a failing ``sink`` (e.g. the browser's socket is gone): the producer is
+stopped through the cancel event and the text so far is kept, so the caller's
+usual save path stores the partial answer. Nothing is logged here: the caller
+knows the context and logs the error once.
 """
 from __future__ import annotations
 
@@ -49,9 +53,10 @@ class StreamResult:
             when stopped or failed).
         status: ``"complete"`` (the iterator ended by itself), ``"stopped"``
             (the cancel event was set, or the consuming task was cancelled) or
-            ``"error"`` (the iterator raised).
-        pieces: how many pieces reached the sink.
-        error: the producer's exception when ``status == "error"``.
+            ``"error"`` (the iterator or the sink raised).
+        pieces: how many pieces were handed to the sink.
+        error: the producer's (or the sink's) exception when ``status == "error"``.
+        sink_failed: True when ``error`` came from the sink, not the producer.
         task_cancelled: True when the *consuming task* was cancelled; the
             caller should finish its bookkeeping and re-raise
             ``asyncio.CancelledError``.
@@ -66,6 +71,7 @@ class StreamResult:
     status: Status = "complete"
     pieces: int = 0
     error: Optional[BaseException] = None
+    sink_failed: bool = False
     task_cancelled: bool = False
     source: Optional[Iterable[str]] = None
     producer: Optional[threading.Thread] = field(default=None, repr=False)
@@ -150,13 +156,11 @@ async def stream_pieces(
             once with the text so far and the producer stops at its next piece.
 
     Returns:
-        A :class:`StreamResult`. Producer errors are returned (``status="error"``),
-        not raised. If the calling task is cancelled, the cancellation is
-        absorbed and reported as ``status="stopped", task_cancelled=True``.
-
-    Raises:
-        Whatever ``sink`` raises (after setting the cancel event so the producer
-        stops).
+        A :class:`StreamResult`. Producer and sink errors are returned
+        (``status="error"``; a sink error also sets the cancel event so the
+        producer stops, and ``sink_failed``), not raised. If the calling task
+        is cancelled, the cancellation is absorbed and reported as
+        ``status="stopped", task_cancelled=True``.
     """
     handle = handle or StreamHandle()
     cancel = handle.cancel_event
@@ -179,7 +183,6 @@ async def stream_pieces(
         target=_produce, args=(source, cancel, emit, holder), name=thread_name, daemon=True
     )
     result.producer.start()
-    finished = False
     try:
         while not cancel.is_set():
             kind, value = await queue.get()
@@ -188,25 +191,29 @@ async def stream_pieces(
             if kind == _PIECE:
                 result.text += value
                 result.pieces += 1
-                await sink(value)
+                try:
+                    await sink(value)
+                except Exception as exc:  # the consumer side broke: stop the producer, keep the text
+                    cancel.set()
+                    result.status = "error"
+                    result.error = exc
+                    result.sink_failed = True
+                    log.debug("stream sink failed: %r", exc)
+                    break
             elif kind == _END:
                 break
             else:  # _ERROR
                 result.status = "error"
                 result.error = value
-                log.error("stream producer failed: %r", value, exc_info=value)
+                log.debug("stream producer failed: %r", value)
                 break
         if cancel.is_set() and result.status != "error":
             result.status = "stopped"
-        finished = True
     except asyncio.CancelledError:
         cancel.set()
         result.status = "stopped"
         result.task_cancelled = True
-        finished = True
     finally:
-        if not finished:  # the sink raised: stop the producer, propagate
-            cancel.set()
         handle._wake = None
         result.source = holder[0] if holder else None
     return result

@@ -5,15 +5,20 @@ file attached to a chat message we
 
 1. read its size from disk (``os.stat``) *before* reading it, and refuse files
    over the limit without reading a byte (a 2 GB upload is never loaded);
-2. decode it with Pillow, restricted to a few plain raster formats (so no
-   Ghostscript/EPS or other exotic plugins are ever invoked): ``verify()``
-   first, then a fresh ``open`` + ``load()`` to catch truncated data;
-3. refuse decompression bombs: images with more than :data:`MAX_IMAGE_PIXELS`
-   pixels are rejected from their header, before any pixel data is decoded;
+2. open it with Pillow, restricted to a few plain raster formats (so no
+   Ghostscript/EPS or other exotic plugins are ever invoked), and refuse
+   images over :data:`MAX_IMAGE_PIXELS` from their header, before any pixel
+   data is decoded; the images of one message together may not exceed
+   :data:`MAX_MESSAGE_PIXELS`;
+3. check the data without decoding huge images at full size (the local model
+   reads text only; we just need to know the file is a sound image):
+   ``verify()`` (for PNG: every chunk's CRC, up to ``IEND``), then a decode
+   that is reduced where the format allows it (JPEG at 1/8 scale via
+   ``draft``); PNGs over :data:`FULL_DECODE_PIXELS` rely on ``verify()``;
 4. take the MIME type from the *detected* format.
 
 Each refused file gets one clear sentence (``"x.png is not an image I can
-read."``); the rest of the message is still answered.
+read."``), whatever Pillow raised; the rest of the message is still answered.
 
 All functions here are blocking (file I/O, decoding): call them through
 ``asyncio.to_thread`` from the event loop.
@@ -21,12 +26,14 @@ All functions here are blocking (file I/O, decoding): call them through
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass, field
-from struct import error as StructError
 from typing import Any, Iterable, Optional
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+log = logging.getLogger(__name__)
 
 #: Formats we accept, by Pillow format name → MIME type we record.
 ALLOWED_FORMATS: dict[str, str] = {
@@ -37,8 +44,13 @@ ALLOWED_FORMATS: dict[str, str] = {
     "BMP": "image/bmp",
 }
 
-#: Largest accepted image, in pixels (width × height): 64 megapixels, e.g. 8000 × 8000.
-MAX_IMAGE_PIXELS = 64_000_000
+#: Largest accepted image, in pixels (width × height): 24 megapixels, e.g. 6000 × 4000.
+MAX_IMAGE_PIXELS = 24_000_000
+#: Largest total of the accepted images of one message, in pixels.
+MAX_MESSAGE_PIXELS = 48_000_000
+#: PNGs up to this many pixels are also fully decoded (at most ~32 MB of RAM);
+#: larger ones are checked by ``verify()`` alone.
+FULL_DECODE_PIXELS = 8_000_000
 
 # Pillow's own guard: it warns above this and raises DecompressionBombError
 # above twice this, already while reading the header. We also check explicitly.
@@ -112,56 +124,76 @@ def _unreadable(name: str) -> UploadRejected:
     return UploadRejected(f"{name} is not an image I can read.")
 
 
-def check_image_bytes(data: bytes, name: str, max_bytes: int) -> CheckedImage:
+def _megapixels(n: int) -> str:
+    return f"{n / 1_000_000:g} megapixels"
+
+
+def _decode_check(data: bytes, fmt: str, width: int, height: int) -> None:
+    """Decode ``data`` as cheaply as its format allows; raises whatever Pillow raises."""
+    with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+        if fmt == "JPEG":  # decodes every block, at 1/8 of the size
+            img.draft(None, (max(1, width // 8), max(1, height // 8)))
+        elif fmt == "PNG" and width * height > FULL_DECODE_PIXELS:
+            return  # verify() has checked every chunk's CRC up to IEND
+        img.load()
+
+
+def check_image_bytes(
+    data: bytes, name: str, max_bytes: int, *, pixel_budget: Optional[int] = None
+) -> CheckedImage:
     """Decode ``data`` and return it as a :class:`CheckedImage`.
 
     Args:
         data: the file's bytes.
         name: display name used in the error sentence.
         max_bytes: largest accepted size in bytes.
+        pixel_budget: pixels still allowed in this message (None: no
+            per-message limit); see :func:`check_files`.
 
     Raises:
         UploadRejected: too large, not a decodable image of an allowed format,
-            truncated/corrupt, or more than :data:`MAX_IMAGE_PIXELS` pixels.
+            truncated/corrupt (whatever Pillow raised), more than
+            :data:`MAX_IMAGE_PIXELS` pixels, or more than ``pixel_budget``.
     """
     name = display_name(name)
     if len(data) > max_bytes:
         raise _too_big(name, len(data), max_bytes)
     if not data:
         raise _unreadable(name)
-    formats = list(ALLOWED_FORMATS)
     try:
         # Image.open reads the header only; Pillow raises DecompressionBombError
         # (or warns) for huge headers before any pixel data is decoded.
-        with Image.open(io.BytesIO(data), formats=formats) as probe:
-            fmt = probe.format
+        with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as probe:
+            fmt = probe.format or ""
             width, height = probe.size
-            if width * height > MAX_IMAGE_PIXELS:
+            pixels = width * height
+            if pixels > MAX_IMAGE_PIXELS:
                 raise UploadRejected(
-                    f"{name} is {width} × {height} pixels; the limit is "
-                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels."
+                    f"{name} is {width} × {height} pixels; the limit is {_megapixels(MAX_IMAGE_PIXELS)}."
                 )
-            probe.verify()  # structure/CRC checks without decoding everything
-        # verify() leaves the image unusable: reopen and decode the pixels.
-        with Image.open(io.BytesIO(data), formats=formats) as img:
-            img.load()
+            if pixel_budget is not None and pixels > pixel_budget:
+                raise UploadRejected(
+                    f"{name} was not checked: the images of one message may have at most "
+                    f"{_megapixels(MAX_MESSAGE_PIXELS)} together; send it in another message."
+                )
+            probe.verify()  # structure/CRC checks without decoding
+        _decode_check(data, fmt, width, height)  # verify() leaves the image unusable: reopen
     except UploadRejected:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadRejected(
-            f"{name} is too large in pixels; the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            IndexError, TypeError, KeyError, StructError, MemoryError):
-        # Pillow signals corrupt/truncated input with a variety of exceptions.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: when warnings are errors
+        raise UploadRejected(f"{name} is too large in pixels; the limit is {_megapixels(MAX_IMAGE_PIXELS)}.") from None
+    except Exception as exc:  # Pillow signals corrupt input with many exception types
+        log.info("upload %r refused: %s: %s", name, type(exc).__name__, exc)
         raise _unreadable(name) from None
-    mime = ALLOWED_FORMATS.get(fmt or "")
+    mime = ALLOWED_FORMATS.get(fmt)
     if mime is None:  # pragma: no cover - formats= restricts what open() accepts
         raise _unreadable(name)
     return CheckedImage(name=name, mime=mime, data=data, width=width, height=height)
 
 
-def check_image_file(path: str | os.PathLike, name: str, max_bytes: int) -> CheckedImage:
+def check_image_file(
+    path: str | os.PathLike, name: str, max_bytes: int, *, pixel_budget: Optional[int] = None
+) -> CheckedImage:
     """Check the file at ``path``: its size on disk first, then its content.
 
     The size comes from ``os.stat`` so an oversized file is refused without
@@ -185,10 +217,10 @@ def check_image_file(path: str | os.PathLike, name: str, max_bytes: int) -> Chec
         raise UploadRejected(f"{shown} could not be read; please upload it again.") from None
     if len(data) > max_bytes:
         raise _too_big(shown, len(data), max_bytes)
-    return check_image_bytes(data, shown, max_bytes)
+    return check_image_bytes(data, shown, max_bytes, pixel_budget=pixel_budget)
 
 
-def check_element(element: Any, max_bytes: int) -> CheckedImage:
+def check_element(element: Any, max_bytes: int, *, pixel_budget: Optional[int] = None) -> CheckedImage:
     """Check one Chainlit element (anything with ``name`` and ``path`` or ``content``).
 
     Raises:
@@ -198,25 +230,32 @@ def check_element(element: Any, max_bytes: int) -> CheckedImage:
     name = getattr(element, "name", None) or "file"
     path = getattr(element, "path", None)
     if path:
-        return check_image_file(path, name, max_bytes)
+        return check_image_file(path, name, max_bytes, pixel_budget=pixel_budget)
     content = getattr(element, "content", None)
     if isinstance(content, (bytes, bytearray)):
-        return check_image_bytes(bytes(content), name, max_bytes)
+        return check_image_bytes(bytes(content), name, max_bytes, pixel_budget=pixel_budget)
     raise UploadRejected(f"{display_name(name)} could not be read; please upload it again.")
 
 
-def check_files(elements: Iterable[Any], max_bytes: int) -> UploadCheck:
+def check_files(
+    elements: Iterable[Any], max_bytes: int, *, max_total_pixels: int = MAX_MESSAGE_PIXELS
+) -> UploadCheck:
     """Check every element; never raises for a bad file (it becomes a rejection line).
 
     Args:
         elements: Chainlit elements (``message.elements``) or similar objects.
         max_bytes: per-file size limit in bytes.
+        max_total_pixels: limit on the pixels of all accepted images together;
+            an image that would go over it is refused without being decoded.
     """
     out = UploadCheck()
+    budget = max_total_pixels
     for element in elements or ():
         try:
-            out.images.append(check_element(element, max_bytes))
+            image = check_element(element, max_bytes, pixel_budget=budget)
         except UploadRejected as e:
             out.rejections.append(str(e))
+        else:
+            out.images.append(image)
+            budget -= image.width * image.height
     return out
-

@@ -1,6 +1,6 @@
 // Jarvis Argus: adds "No account? Sign up" under Chainlit's login form, and shows
-// the server's throttle message ("Too many failed sign-in attempts...") when
-// POST /login answers 429. Loaded by `custom_js = "/public/signup-link.js"`
+// the server's message when POST /login answers 429 ("Too many failed sign-in
+// attempts...") or 413 (form too large). Loaded by `custom_js = "/public/signup-link.js"`
 // in .chainlit/config.toml. The login page is rendered by React, so a
 // MutationObserver re-adds the link whenever the form is (re)drawn.
 (function () {
@@ -60,7 +60,7 @@
   }
 
   // Chainlit shows a generic "Unable to sign in" for any error; surface the
-  // throttle message (and clear it on the next attempt).
+  // server's message (and clear it on the next attempt).
   if (window.fetch) {
     var realFetch = window.fetch;
     window.fetch = function (input, init) {
@@ -71,7 +71,7 @@
       var old = document.getElementById(NOTICE_ID);
       if (old) old.remove();
       return p.then(function (response) {
-        if (response.status === 429) {
+        if (response.status === 429 || response.status === 413) {
           response.clone().json().then(function (body) {
             if (body && body.detail) setTimeout(function () { showNotice(body.detail); }, 0);
           }).catch(function () {});

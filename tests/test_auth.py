@@ -5,11 +5,14 @@ import dataclasses
 import logging
 import os
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from argus.auth import (
     Authenticator,
+    AuthSecretError,
     LoginThrottled,
     PasswordPolicyError,
     SignupError,
@@ -19,7 +22,7 @@ from argus.auth import (
     verify_password,
 )
 from argus.config import Settings
-from argus.store import SQLiteStore
+from argus.store import SQLiteStore, StoreUnavailable
 
 PASSWORD = "correct horse"
 
@@ -137,6 +140,61 @@ def test_throttle_per_address(auth, alice, clock):
         auth.check_login_allowed("x@example.com", "6.6.6.6")
 
 
+class CountingVerify:
+    """Wraps the real bcrypt check and counts the calls (the real hashing still runs)."""
+
+    def __init__(self, real):
+        self.real, self.calls, self._lock = real, 0, threading.Lock()
+
+    def __call__(self, password, password_hash):
+        with self._lock:
+            self.calls += 1
+        return self.real(password, password_hash)
+
+
+def test_parallel_wrong_passwords_cannot_outrun_the_throttle(store, settings, monkeypatch):
+    import argus.auth as mod
+
+    auth = Authenticator(store, settings, bcrypt_rounds=10)  # ~60 ms per check: attempts really overlap
+    auth.create_user("alice@example.com", "Alice", PASSWORD)
+    counting = CountingVerify(mod.verify_password)
+    monkeypatch.setattr(mod, "verify_password", counting)
+    start = threading.Barrier(20)
+
+    def attempt(i):
+        start.wait()
+        try:
+            return auth.login("alice@example.com", "wrong password", f"10.1.0.{i}")
+        except LoginThrottled as exc:
+            return exc
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(attempt, range(20)))
+    assert counting.calls <= 3  # settings.login_attempts
+    assert sum(r is None for r in results) == counting.calls
+    throttled = [r for r in results if isinstance(r, LoginThrottled)]
+    assert len(throttled) == 20 - counting.calls and all(r.retry_after_s > 0 for r in throttled)
+
+
+def test_success_gives_the_address_slot_back(auth, alice):
+    for _ in range(2):
+        assert auth.login(f"x{_}@example.com", "wrong password", "5.5.5.5") is None
+    for _ in range(5):  # successes do not count against the address
+        assert auth.login("alice@example.com", PASSWORD, "5.5.5.5") == alice
+    assert auth.login("y@example.com", "wrong password", "5.5.5.5") is None  # the 3rd failure
+    with pytest.raises(LoginThrottled):
+        auth.login("alice@example.com", PASSWORD, "5.5.5.5")
+
+
+def test_store_failure_gives_the_reserved_slots_back(store, settings, clock):
+    auth = Authenticator(store, settings, bcrypt_rounds=4, clock=clock)
+    store.close()  # every store call now raises StoreUnavailable
+    for _ in range(5):
+        with pytest.raises(StoreUnavailable):
+            auth.login("alice@example.com", PASSWORD, "4.4.4.4")
+    auth.check_login_allowed("alice@example.com", "4.4.4.4")  # not throttled
+
+
 def test_success_resets_email_counter(auth, alice):
     for i in range(2):
         assert auth.login("alice@example.com", "wrong password", f"10.0.0.{i}") is None
@@ -243,7 +301,34 @@ def test_loose_secret_file_is_tightened(settings, monkeypatch):
     monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
     settings.data_dir.mkdir(parents=True)
     path = settings.data_dir / "auth_secret"
-    path.write_text("existing-secret\n")
+    path.write_text(EXISTING_SECRET + "\n")
     path.chmod(0o644)
-    assert ensure_auth_secret(settings) == "existing-secret"
+    assert ensure_auth_secret(settings) == EXISTING_SECRET
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+EXISTING_SECRET = "existing-secret-0123456789abcdefghijkl"  # 37 characters
+WEAK_SECRET = "too-short-secret-0123456789"  # 27 characters
+
+
+def test_short_jwt_secret_key_is_refused_without_printing_it(settings, monkeypatch):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    with pytest.raises(AuthSecretError) as info:
+        ensure_auth_secret(dataclasses.replace(settings, jwt_secret=WEAK_SECRET))
+    message = str(info.value)
+    assert message == (
+        "JWT_SECRET_KEY must be at least 32 characters; generate one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`."
+    )
+    assert WEAK_SECRET not in message
+    assert "CHAINLIT_AUTH_SECRET" not in os.environ  # nothing exported
+    assert ensure_auth_secret(dataclasses.replace(settings, jwt_secret="x" * 32)) == "x" * 32  # 32 is enough
+
+
+def test_short_secret_in_the_file_is_refused(settings, monkeypatch):
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    settings.data_dir.mkdir(parents=True)
+    (settings.data_dir / "auth_secret").write_text(WEAK_SECRET + "\n")
+    with pytest.raises(AuthSecretError, match="must be at least 32 characters; delete the file") as info:
+        ensure_auth_secret(settings)
+    assert WEAK_SECRET not in str(info.value)

@@ -15,6 +15,7 @@ from argus.commands import (
     parse_command,
     run_command,
 )
+from argus.commands.convs import MAX_PAGE
 from argus.commands.select import NOT_FOUND
 from argus.store import SQLiteStore
 
@@ -151,10 +152,46 @@ async def test_convs_pages(store, alice):
     assert "no page 4" in p4.lower()
 
 
-@pytest.mark.parametrize("arg", ["two", "0", "-1", "1.5", "99999"])
+@pytest.mark.parametrize("arg", ["two", "0", "-1", "1.5", "51", "99999"])
 async def test_convs_bad_page(store, alice, arg):
     reply = await run(ctx_for(store, alice), f"/convs {arg}")
     assert "/help" in reply and "page" in reply.lower()
+
+
+async def test_convs_page_cap_is_a_clear_sentence(store, alice):
+    assert MAX_PAGE == 50
+    reply = await run(ctx_for(store, alice), f"/convs {MAX_PAGE + 1}")
+    assert reply.startswith(f"The page must be a whole number from 1 to {MAX_PAGE}.")
+
+
+class CountingStore:
+    """The real store, counting list_conversations calls (how much one /convs costs)."""
+
+    def __init__(self, store):
+        self._store, self.calls = store, 0
+
+    def list_conversations(self, *args, **kwargs):
+        self.calls += 1
+        return self._store.list_conversations(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+async def test_convs_late_page_costs_few_store_calls(store, alice):
+    convs = [store.create_conversation(alice.id, f"chat {i:03d}", LOCAL.id) for i in range(101)]
+    counting = CountingStore(store)
+    ctx = CommandContext(store=counting, user_id=alice.id, state=SessionState(), models=[LOCAL], page_size=2)
+    reply = await run(ctx, "/convs 50")  # skips 98 conversations
+    assert counting.calls <= 3  # was 50: one query per page walked
+    newest_first = list(reversed(convs))
+    shown = [c.id for c in newest_first if c.id in reply]
+    assert shown == [newest_first[98].id, newest_first[99].id]
+    assert "/convs 51" not in reply and f"only the first {MAX_PAGE} pages" in reply  # more exist, beyond the cap
+    counting.calls = 0
+    ctx.page_size = 5
+    assert "no page 50" in (await run(ctx, "/convs 50")).lower()  # 245 would be needed
+    assert counting.calls <= 3
 
 
 async def test_convs_from_menu(store, alice):
@@ -176,6 +213,16 @@ async def test_select_switches_and_shows_recent_messages(store, alice):
     assert reply.index("Where should I go?") < reply.index("Try the mountains.")  # oldest first
     assert "**You:**" in reply and "**Assistant:**" in reply
     assert "partial ans _(stopped)_" in reply
+
+
+async def test_select_marks_a_message_stopped_before_its_answer(store, alice):
+    conv = store.create_conversation(alice.id, "Stopped", LOCAL.id)
+    store.add_message(conv.id, alice.id, "user", "Tell me a story")
+    store.add_message(conv.id, alice.id, "assistant", "", status="stopped")
+    store.add_message(conv.id, alice.id, "assistant", "", status="error")
+    reply = await run(ctx_for(store, alice), f"/select {conv.id}")
+    assert "**Assistant:** _(stopped before answering)_" in reply
+    assert "**Assistant:** _(empty)_ _(error)_" in reply
 
 
 async def test_select_shows_only_the_last_messages(store, alice):

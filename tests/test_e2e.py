@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
+import re
+import secrets
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ import pytest
 import socketio
 from PIL import Image
 
+from argus.core import MAX_MESSAGE_CHARS, too_long_message
 from argus.store import SQLiteStore
+from conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -45,15 +48,47 @@ USERS = {
     "bob": "bob@example.com",  # tries to /select alice's conversation
     "carol": "carol@example.com",  # hits the message rate limit
     "dave": "dave@example.com",  # presses stop
+    "erin": "erin@example.com",  # sends a message that is too long
+    "frank": "frank@example.com",  # presses stop with a second message queued
 }
 MESSAGES_PER_MINUTE = 3
-REPLY_TIMEOUT = 90.0  # includes waiting for the model to finish loading
+REPLY_TIMEOUT = 240.0  # includes waiting for the model to finish loading; the 2 cores are shared
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _env_names() -> set[str]:
+    """Every ARGUS_* variable the server's code reads (found in its sources, so new ones are covered)."""
+    names = {"JWT_SECRET_KEY"}
+    for path in [REPO / "app.py", *(REPO / "argus").rglob("*.py"), *(REPO / "worker").rglob("*.py")]:
+        names.update(re.findall(r"\bARGUS_[A-Z0-9_]+\b", path.read_text(encoding="utf-8", errors="replace")))
+    return names
+
+
+def server_env(data_dir: Path, **extra_env: str) -> dict[str, str]:
+    """The server's environment: every ARGUS_* variable and JWT_SECRET_KEY set explicitly.
+
+    An empty value means "the default" to the server, and it keeps a developer's
+    ``.env`` out: python-dotenv never overrides a variable that is already set.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "CI"  # Chainlit's CLI reads CI=true as --ci
+        and not k.startswith(("ARGUS_", "CHAINLIT_", "JWT_", "LITERAL_", "DATABASE_URL", "FORWARDED_"))
+    }
+    env.update({name: "" for name in _env_names()})
+    env.update(
+        ARGUS_DATA_DIR=str(data_dir),
+        ARGUS_MAX_NEW_TOKENS="24",
+        ARGUS_MESSAGES_PER_MINUTE=str(MESSAGES_PER_MINUTE),
+        ARGUS_LOGIN_ATTEMPTS="3",
+        ARGUS_LOG_LEVEL="INFO",
+        JWT_SECRET_KEY=secrets.token_urlsafe(36),  # 48 characters
+        DATABASE_URL="",  # no Chainlit data layer, whatever .env says
+        LITERAL_API_KEY="",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra_env)
+    return env
 
 
 class Server:
@@ -89,20 +124,8 @@ def running_server(tmp_path_factory, users: dict[str, str], **extra_env: str):
     ``users`` up and in; yield a :class:`Server`; stop the process afterwards."""
     data_dir = tmp_path_factory.mktemp("argus-e2e-data")
     log_path = data_dir / "server.log"
-    port = _free_port()
-    env = dict(os.environ)
-    env.pop("CI", None)  # Chainlit's CLI reads CI=true as --ci
-    for key in ("JWT_SECRET_KEY", "ARGUS_MODEL_PATH", "CHAINLIT_AUTH_SECRET"):
-        env.pop(key, None)
-    env.update(
-        ARGUS_DATA_DIR=str(data_dir),
-        ARGUS_MAX_NEW_TOKENS="24",
-        ARGUS_MESSAGES_PER_MINUTE=str(MESSAGES_PER_MINUTE),
-        ARGUS_LOGIN_ATTEMPTS="3",
-        ARGUS_LOG_LEVEL="INFO",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra_env)
+    port = free_port()
+    env = server_env(data_dir, **extra_env)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "chainlit", "run", "app.py", "--headless", "--host", "127.0.0.1", "--port", str(port)],
@@ -117,10 +140,13 @@ def running_server(tmp_path_factory, users: dict[str, str], **extra_env: str):
     try:
         _wait_until_up(base, proc, log_path)
         with httpx.Client(base_url=base, timeout=30) as http:
-            for name, email in users.items():
-                r = http.post("/signup", json={"email": email, "name": name.title(), "password": PASSWORD})
+            for n, (name, email) in enumerate(users.items(), 1):
+                # each user from its own address (uvicorn trusts X-Forwarded-For from
+                # 127.0.0.1), so per-address sign-up limits never interfere
+                headers = {"X-Forwarded-For": f"10.20.0.{n}"}
+                r = http.post("/signup", json={"email": email, "name": name.title(), "password": PASSWORD}, headers=headers)
                 assert r.status_code == 201, (r.status_code, r.text)
-                r = http.post("/login", data={"username": email, "password": PASSWORD})
+                r = http.post("/login", data={"username": email, "password": PASSWORD}, headers=headers)
                 assert r.status_code == 200, (r.status_code, r.text)
                 srv.tokens[name] = r.cookies["access_token"]
         store = srv.store()
@@ -348,7 +374,7 @@ async def test_image_upload_is_checked_stored_and_text_answered(server):
 
 # ---- bad input -----------------------------------------------------------------------------
 async def test_wrong_password_is_401(server):
-    async with httpx.AsyncClient(base_url=server.base) as http:
+    async with httpx.AsyncClient(base_url=server.base, headers={"X-Forwarded-For": "10.30.0.1"}) as http:
         r = await http.post("/login", data={"username": USERS["alice"], "password": "not the password"})
         assert r.status_code == 401
         assert "access_token" not in r.cookies
@@ -391,7 +417,9 @@ async def test_message_rate_limit(server):
         )
         text = limited["output"]
         assert f"limit: {MESSAGES_PER_MINUTE} per minute" in text
-        wait = int(text.split("please wait ")[1].split(" second")[0])
+        m = re.search(r"please wait (\d+) (seconds?|minute) and try again\.$", text)
+        assert m, text
+        wait = int(m.group(1)) * (60 if m.group(2) == "minute" else 1)
         assert 1 <= wait <= 60
         # the allowed ones are answered, one after the other, in one conversation
         deadline = time.monotonic() + REPLY_TIMEOUT
@@ -458,9 +486,9 @@ async def test_missing_model_answers_with_the_load_error(broken_server):
         store.close()
 
 
-# Keep this test last: after it, sign-ins from 127.0.0.1 are throttled for a while.
 async def test_login_throttled_with_clear_message(server):
-    async with httpx.AsyncClient(base_url=server.base) as http:
+    # its own client address: the throttle does not touch the other tests' sign-ins
+    async with httpx.AsyncClient(base_url=server.base, headers={"X-Forwarded-For": "10.30.0.2"}) as http:
         statuses = []
         for _ in range(6):
             r = await http.post("/login", data={"username": "mallory@example.com", "password": "guess-guess"})
@@ -470,3 +498,66 @@ async def test_login_throttled_with_clear_message(server):
         assert statuses[0] == 401 and statuses[-1] == 429, statuses
         assert r.json()["detail"].startswith("Too many failed sign-in attempts. Try again in")
         assert int(r.headers["retry-after"]) >= 1
+    async with httpx.AsyncClient(base_url=server.base) as http:  # another address still signs in
+        r = await http.post("/login", data={"username": USERS["alice"], "password": PASSWORD})
+        assert r.status_code == 200, r.text
+
+
+async def test_too_long_message_is_refused_and_nothing_is_stored(server):
+    async with ChatClient(server, "erin") as chat:
+        (reply,) = replies(await chat.turn("x" * (MAX_MESSAGE_CHARS + 1)))
+        assert reply == too_long_message(MAX_MESSAGE_CHARS + 1)
+        store = server.store()
+        try:
+            assert store.list_conversations(server.user_ids["erin"]).items == []
+        finally:
+            store.close()
+        # the chat goes on normally
+        events = await chat.turn("Hello there!")
+        assert [d for ev, d in events if ev == "stream_start"]
+    store = server.store()
+    try:
+        uid = server.user_ids["erin"]
+        (conv,) = store.list_conversations(uid).items
+        msgs = list(reversed(store.list_messages(conv.id, uid).items))
+        assert [(m.role, m.status, m.content if m.role == "user" else "") for m in msgs] == [
+            ("user", "complete", "Hello there!"), ("assistant", "complete", ""),
+        ]
+    finally:
+        store.close()
+
+
+async def test_stop_keeps_a_message_queued_behind_the_running_answer(server):
+    uid = server.user_ids["frank"]
+
+    def stored() -> list:
+        store = server.store()
+        try:
+            convs = store.list_conversations(uid).items
+            return list(reversed(store.list_messages(convs[0].id, uid).items)) if convs else []
+        finally:
+            store.close()
+
+    async with ChatClient(server, "frank") as chat:
+        mark = await chat.send("Write a very long story about a dragon and a knight.")
+        _, start = await chat.wait_for(lambda e: e[0] == "stream_start", mark, REPLY_TIMEOUT)
+        await chat.send("Then write one about a wizard.")  # waits behind the first answer
+        deadline = time.monotonic() + 30
+        while len(stored()) < 3 and time.monotonic() < deadline:  # stored at once, before its turn
+            await asyncio.sleep(0.2)
+        await chat.sio.emit("stop")  # Chainlit cancels the newest task: the queued one
+        _, final = await chat.wait_for(lambda e: e[0] == "new_message" and e[1].get("id") == start["id"], mark, 60)
+        assert final["output"].endswith("_(stopped)_")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msgs = stored()
+            if len(msgs) == 4:
+                break
+            await asyncio.sleep(0.2)
+    assert [(m.role, m.status) for m in msgs] == [
+        ("user", "complete"), ("assistant", "stopped"), ("user", "complete"), ("assistant", "stopped"),
+    ]
+    assert msgs[0].content == "Write a very long story about a dragon and a knight."
+    assert msgs[1].content.strip() and final["output"].startswith(msgs[1].content.strip())
+    assert msgs[2].content == "Then write one about a wizard."
+    assert msgs[3].content == ""  # stopped before its answer began

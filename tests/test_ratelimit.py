@@ -35,3 +35,25 @@ def test_expired_keys_are_swept_so_memory_stays_bounded():
         rl.hit(f"client-{i}")
         clock.t += 0.01
     assert len(rl) < 200 + SlidingWindowLimiter.SWEEP_EVERY
+
+
+def test_undo_gives_back_the_latest_event():
+    clock = FakeClock()
+    rl = SlidingWindowLimiter(2, 60, clock)
+    assert rl.hit("a")
+    clock.t += 10
+    assert rl.hit("a") and not rl.hit("a")
+    rl.undo("a")  # the slot taken at t+10 is free again...
+    assert rl.hit("a") and not rl.hit("a")
+    clock.t += 50.01  # ...and the event of t+0 is the one that expires first
+    assert rl.hit("a")
+
+
+def test_undo_of_an_unknown_or_expired_key_is_a_no_op():
+    clock = FakeClock()
+    rl = SlidingWindowLimiter(1, 1.0, clock)
+    rl.undo("nobody")
+    rl.hit("a")
+    clock.t += 2
+    rl.undo("a")
+    assert len(rl) == 0 and rl.hit("a")

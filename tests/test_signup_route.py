@@ -1,134 +1,29 @@
-"""The sign-up page and the guarded /login on a real ``chainlit run`` server (127.0.0.1 only).
+"""The sign-up page and the guarded /login on the real ``chainlit run app.py`` (127.0.0.1 only).
 
-A tiny Chainlit app is written to tmp_path (the real app.py is not needed):
-it wires Authenticator + install_signup_routes exactly as the product does.
-Each test uses its own ``X-Forwarded-For`` address (uvicorn trusts it from
-127.0.0.1) so the per-address limits of one test do not leak into another.
+The server is this repository's app.py (see ``chainlit_server``): real
+bcrypt, real store, no model. Each test uses its own ``X-Forwarded-For``
+address (uvicorn trusts it from 127.0.0.1) so the per-address limits of one
+test do not leak into another.
 """
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
+from chainlit_server import running_server
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "password-123"
 _addresses = itertools.count(1)
-
-APP = '''
-import asyncio
-
-import chainlit as cl
-
-from argus.auth import Authenticator, LoginThrottled, ensure_auth_secret
-from argus.config import Settings
-from argus.signup import current_client_ip, install_signup_routes
-from argus.store import open_store
-
-settings = Settings.from_env(dotenv=False)
-ensure_auth_secret(settings)
-auth = Authenticator(open_store(settings), settings, bcrypt_rounds=4)
-install_signup_routes(lambda: auth)
-
-
-@cl.password_auth_callback
-async def password_auth(username: str, password: str):
-    try:
-        user = await asyncio.to_thread(auth.login, username, password, current_client_ip())
-    except LoginThrottled:
-        return None
-    if user is None:
-        return None
-    return cl.User(identifier=user.email, display_name=user.name, metadata={"id": user.id, "role": user.role})
-
-
-@cl.on_message
-async def on_message(message: cl.Message):
-    await cl.Message(content="ok").send()
-'''
-
-CONFIG = '''
-[meta]
-generated_by = "2.12.0"
-
-[project]
-
-[features]
-
-[UI]
-name = "Argus test"
-custom_js = "/public/signup-link.js"
-'''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chainlit_app")
-    (root / "app.py").write_text(APP, encoding="utf-8")
-    (root / ".chainlit").mkdir()
-    (root / ".chainlit" / "config.toml").write_text(CONFIG, encoding="utf-8")
-    (root / "public").mkdir()
-    shutil.copy(REPO / "public" / "signup-link.js", root / "public" / "signup-link.js")
-    port = _free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "CI" and not k.startswith(("CHAINLIT_", "ARGUS_", "JWT_", "LITERAL_", "FORWARDED_"))
-    }  # Chainlit's CLI reads CI=true as its own --ci flag
-    env.update(
-        ARGUS_DATA_DIR=str(root / "data"),
-        ARGUS_LOGIN_ATTEMPTS="3",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chainlit", "run", "app.py", "--headless", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-
-    def stop():
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
-
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"chainlit exited with {proc.returncode}:\n{(root / 'server.log').read_text(errors='replace')}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"chainlit did not start:\n{(root / 'server.log').read_text(errors='replace')}")
-            time.sleep(0.25)
-        yield {"base": base, "root": root}
-    finally:
-        stop()
+    tmp = tmp_path_factory.mktemp("signup_route")
+    with running_server(tmp, ARGUS_LOGIN_ATTEMPTS="3", ARGUS_LOGIN_WINDOW_S="300") as srv:
+        yield {"base": srv.base, "root": srv.app_root}
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import asyncio
 import threading
 import time
 
-import pytest
 
 from argus.streaming import StreamHandle, stream_pieces
 
@@ -178,18 +177,35 @@ async def test_factory_exception_becomes_error_result():
     assert result.text == "" and result.source is None
 
 
-async def test_sink_failure_propagates_and_stops_producer():
+async def test_sink_failure_becomes_error_result_and_stops_producer():
     handle = StreamHandle()
     src = SlowSource(1000, 0.01, cancel=handle.cancel_event)
+    delivered: list[str] = []
 
-    async def bad_sink(piece: str) -> None:
-        raise ConnectionError("socket gone")
+    async def flaky_sink(piece: str) -> None:
+        if len(delivered) == 3:
+            raise ConnectionError("socket gone")
+        delivered.append(piece)
 
-    with pytest.raises(ConnectionError):
-        await stream_pieces(src, bad_sink, handle)
+    result = await stream_pieces(src, flaky_sink, handle)  # does not raise
+    assert result.status == "error" and result.sink_failed
+    assert isinstance(result.error, ConnectionError) and "socket gone" in str(result.error)
+    assert not result.task_cancelled
+    # the partial text is kept (including the piece the sink choked on), so it can be stored
+    assert result.text == "t0 t1 t2 t3 " and delivered == ["t0 ", "t1 ", "t2 "]
+    assert result.source is src
     assert handle.cancel_event.is_set()
     assert src.done.wait(1.0)
-    assert src.produced <= 3
+    assert src.produced <= 7
+    assert src.finish_reason != "stop"
+
+
+async def test_producer_error_is_not_a_sink_failure_and_is_not_logged_here(caplog):
+    caplog.set_level("DEBUG", logger="argus.streaming")
+    result = await stream_pieces(SlowSource(5, 0.0, fail_at=1), Collector())
+    assert result.status == "error" and not result.sink_failed
+    # the caller logs the traceback once; the bridge does not log one too
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 async def test_concurrent_streams_do_not_mix():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 import time
 import zlib
@@ -13,6 +14,7 @@ from PIL import Image
 
 from argus.uploads import (
     MAX_IMAGE_PIXELS,
+    MAX_MESSAGE_PIXELS,
     UploadRejected,
     check_element,
     check_files,
@@ -39,6 +41,20 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def valid_gray_png(width: int, height: int) -> bytes:
+    """A complete, valid 8-bit grayscale PNG of ``width × height`` black pixels,
+    built without allocating the pixels (the zeros compress ~1000:1)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @dataclass
@@ -197,3 +213,52 @@ def test_format_size():
     assert format_size(512) == "512 bytes"
     assert format_size(int(12.3 * MB)) == "12.3 MB"
     assert format_size(2 * 1024**3) == "2.0 GB"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_valid_30_megapixel_png_rejected_from_its_header():
+    data = valid_gray_png(6000, 5000)  # a real, complete image of 30 MP
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (6000, 5000)
+    start = time.monotonic()
+    with pytest.raises(UploadRejected) as e:
+        check_image_bytes(data, "wide.png", LIMIT)
+    assert time.monotonic() - start < 0.5
+    assert str(e.value) == "wide.png is 6000 × 5000 pixels; the limit is 24 megapixels."
+
+
+def test_large_valid_png_under_the_limit_is_accepted():
+    img = check_image_bytes(valid_gray_png(5000, 4000), "big.png", LIMIT)  # 20 MP
+    assert (img.mime, img.width, img.height) == ("image/png", 5000, 4000)
+
+
+def test_images_of_one_message_share_a_pixel_budget(tmp_path):
+    assert MAX_MESSAGE_PIXELS == 48_000_000
+    p = tmp_path / "16mp.png"
+    p.write_bytes(valid_gray_png(4000, 4000))
+    small = tmp_path / "small.png"
+    small.write_bytes(image_bytes("PNG"))
+    res = check_files([FakeElement(name=f"{i}.png", path=str(p)) for i in range(4)] + [FakeElement("s.png", str(small))], LIMIT)
+    assert [i.name for i in res.images] == ["0.png", "1.png", "2.png"]  # 48 MP: exactly the budget
+    refusal = "was not checked: the images of one message may have at most 48 megapixels together; send it in another message."
+    assert res.rejections == [f"3.png {refusal}", f"s.png {refusal}"]
+    assert [i.name for i in check_files([FakeElement("s.png", str(small))], LIMIT).images] == ["s.png"]
+
+
+def test_truncated_large_jpeg_rejected_by_the_reduced_decode():
+    noisy = Image.frombytes("RGB", (1200, 900), random.Random(0).randbytes(1200 * 900 * 3))
+    buf = io.BytesIO()
+    noisy.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    assert check_image_bytes(data, "whole.jpg", LIMIT).mime == "image/jpeg"
+    with pytest.raises(UploadRejected, match="^cut.jpg is not an image I can read.$"):
+        check_image_bytes(data[: len(data) * 3 // 5], "cut.jpg", LIMIT)
+
+
+def test_large_png_checked_by_verify_alone_still_catches_damage():
+    data = valid_gray_png(5000, 4000)  # 20 MP: over FULL_DECODE_PIXELS, so not fully decoded
+    damaged = bytearray(data)
+    damaged[200] ^= 0xFF  # inside IDAT: its CRC no longer matches
+    for bad, name in [(data[: len(data) // 2], "half.png"), (data[:-5], "no-end.png"), (bytes(damaged), "crc.png")]:
+        with pytest.raises(UploadRejected, match=f"^{name} is not an image I can read.$"):
+            check_image_bytes(bad, name, LIMIT)

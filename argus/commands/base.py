@@ -41,6 +41,14 @@ class SessionState:
         busy: held while a chat message is being answered, so messages of one
             session are answered one after the other (same conversation, and
             each answer sees the previous one in its history).
+        intake: held briefly while a message is stored (conversation created,
+            attachments and the message saved) and while an answer row is
+            written, so two quick messages cannot create two conversations
+            and rows keep a question → answer order.
+        turns: the chat messages of this session that are stored but not yet
+            answered (the chat handler's bookkeeping), oldest first.
+        tasks: the ``on_message`` tasks still running for this session; the
+            stop button stops all of them, not only the newest.
     """
 
     conversation_id: Optional[str] = None
@@ -48,6 +56,9 @@ class SessionState:
     text_only_notice: set[str] = field(default_factory=set)
     stream: Any = None
     busy: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    intake: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    turns: list = field(default_factory=list, repr=False)
+    tasks: set = field(default_factory=set, repr=False)
 
 
 @dataclass(frozen=True)

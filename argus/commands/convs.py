@@ -10,8 +10,10 @@ from argus.commands.base import (
     one_line,
 )
 
-#: Refuse absurd page numbers (each page costs one store query to reach).
-MAX_PAGE = 1000
+#: The furthest page /convs shows (older conversations stay reachable with /select).
+MAX_PAGE = 50
+#: Conversations skipped per store call when walking to a later page.
+SKIP_BATCH = 100
 
 
 def parse_page(args: str) -> int:
@@ -41,25 +43,32 @@ async def run(ctx: CommandContext, args: str) -> str:
         CommandUsageError: bad page argument.
     """
     page = parse_page(args)
+    no_page = f"There is no page {page}: you have fewer conversations than that. Try /convs."
+    # Skip the earlier pages in a few large steps (not one query per page);
+    # the store may return fewer than asked, so count what it really gave.
     cursor = None
-    for _ in range(page - 1):  # walk the cursor chain to the requested page
-        listing = await ctx.call(ctx.store.list_conversations, ctx.user_id, ctx.page_size, cursor)
+    to_skip = (page - 1) * ctx.page_size
+    while to_skip > 0:
+        listing = await ctx.call(ctx.store.list_conversations, ctx.user_id, min(to_skip, SKIP_BATCH), cursor)
+        to_skip -= len(listing.items)
         cursor = listing.next_cursor
-        if cursor is None:
-            return f"There is no page {page}: you have fewer conversations than that. Try /convs."
+        if cursor is None or not listing.items:
+            return no_page
     listing = await ctx.call(ctx.store.list_conversations, ctx.user_id, ctx.page_size, cursor)
     if not listing.items:
         if page == 1:
             return "You have no conversations yet: send a message to start one."
-        return f"There is no page {page}: you have fewer conversations than that. Try /convs."
+        return no_page
     lines = [f"**Your conversations** (page {page}, newest first)", ""]
     for conv in listing.items:
         mark = " ← current" if conv.id == ctx.state.conversation_id else ""
         title = escape_md(one_line(conv.title, 60)) or "_(untitled)_"
         lines.append(f"- `{conv.id}` {title} — updated {format_time(conv.updated_at)}{mark}")
     lines.append("")
-    if listing.next_cursor:
+    if listing.next_cursor and page < MAX_PAGE:
         lines.append(f"More: `/convs {page + 1}`. ")
+    elif listing.next_cursor:
+        lines.append(f"Older conversations exist, but /convs lists only the first {MAX_PAGE} pages. ")
     lines.append("Open one with `/select <id>`.")
     return "\n".join(lines)
 

@@ -50,11 +50,15 @@ async def run(ctx: CommandContext, args: str) -> str:
             lines.append("")
         for m in messages:
             who = "You" if m.role == "user" else "Assistant" if m.role == "assistant" else m.role.title()
-            text = one_line(m.content, SNIPPET) or "_(empty)_"
-            if m.status == "stopped":
-                text += " _(stopped)_"
-            elif m.status == "error":
-                text += " _(error)_"
+            text = one_line(m.content, SNIPPET)
+            if m.status == "stopped" and not text:
+                text = "_(stopped before answering)_"
+            else:
+                text = text or "_(empty)_"
+                if m.status == "stopped":
+                    text += " _(stopped)_"
+                elif m.status == "error":
+                    text += " _(error)_"
             if m.attachment_ids:
                 n = len(m.attachment_ids)
                 text += f" _({n} image{'s' if n != 1 else ''})_"

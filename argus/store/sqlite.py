@@ -172,7 +172,8 @@ class SQLiteStore(Store):
 
     Args:
         data_dir: directory for the database and attachment files; created
-            (mode 0700) when missing.
+            (mode 0700) when missing. An existing ``argus.db`` (and its
+            ``-wal``/``-shm`` files) readable by others is made 0600.
         busy_timeout_ms: how long a writer waits for the lock, in milliseconds,
             before giving up with StoreUnavailable.
         clock: returns the current time in UNIX seconds (injectable for tests).
@@ -200,12 +201,24 @@ class SQLiteStore(Store):
             self.files_dir.mkdir(mode=0o700, exist_ok=True)
             if not self.db_path.exists():  # it holds password hashes: owner-only from the start
                 os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._make_private()
         except OSError as exc:
             raise _unavailable(exc, self.db_path) from exc
         with self._errors():
             conn = self._conn()
             conn.execute("PRAGMA journal_mode=WAL")
             self._migrate(conn)
+
+    def _make_private(self) -> None:
+        """chmod 0600 the database and its -wal/-shm files when others may read them
+        (SQLite creates -wal/-shm with the database file's mode). Raises OSError."""
+        for path in (self.db_path, Path(f"{self.db_path}-wal"), Path(f"{self.db_path}-shm")):
+            try:
+                mode = path.stat().st_mode & 0o777
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                os.chmod(path, 0o600)
 
     # ---- plumbing -------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -362,8 +375,10 @@ class SQLiteStore(Store):
         args: list = [owner_id]
         if cursor:
             ts, cid = _decode_cursor(cursor)
-            sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
-            args += [ts, ts, cid]
+            # A row-value comparison lets SQLite seek the (owner_id, updated_at, id) index
+            # straight to the cursor; the equivalent OR form scans every row before it.
+            sql += " AND (updated_at, id) < (?, ?)"
+            args += [ts, cid]
         sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
         with self._errors():
             rows = self._conn().execute(sql, (*args, limit + 1)).fetchall()
@@ -463,8 +478,8 @@ class SQLiteStore(Store):
         args: list = [conversation_id, owner_id]
         if cursor:
             ts, mid = _decode_cursor(cursor)
-            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
-            args += [ts, ts, mid]
+            sql += " AND (created_at, id) < (?, ?)"  # seeks the index; see list_conversations
+            args += [ts, mid]
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self._read() as conn:
             self._check_conversation(conn, conversation_id, owner_id)
