@@ -18,7 +18,7 @@ PASSWORD = "s3cret password"
 
 @pytest.fixture
 def run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "JWT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "JWT_", "MONGO_"))}
     env.update(ARGUS_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO))
 
     def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
