@@ -19,6 +19,8 @@ from chainlit.config import FILES_DIRECTORY  # noqa: E402
 from argus.auth import AuthSecretError, ensure_auth_secret  # noqa: E402
 from argus.config import ConfigError, Settings  # noqa: E402
 from argus.core import JarvisArgus  # noqa: E402
+from argus.datalayer import ArgusDataLayer, install_caller_middleware  # noqa: E402
+from argus.files_route import install_file_route  # noqa: E402
 from argus.limits import install_body_limits  # noqa: E402
 from argus.origins import restrict_origins  # noqa: E402
 from argus.signup import install_signup_routes  # noqa: E402
@@ -38,6 +40,8 @@ def _start() -> tuple[Settings, JarvisArgus]:
     argus = JarvisArgus(settings)
     argus.start()  # loads the model in the background
     install_signup_routes(lambda: argus.auth)
+    install_caller_middleware()  # the data layer learns who calls Chainlit's REST API
+    install_file_route(lambda: argus.data_layer)  # images of resumed threads, owner only
     return settings, argus
 
 
@@ -45,6 +49,11 @@ try:
     settings, argus = _start()
 except (ConfigError, AuthSecretError, StoreUnavailable) as _exc:
     raise SystemExit(f"Jarvis Argus cannot start: {_exc}") from None
+
+
+@cl.data_layer
+def data_layer() -> ArgusDataLayer:
+    return argus.data_layer
 
 
 @cl.password_auth_callback
@@ -55,6 +64,11 @@ async def password_auth(username: str, password: str) -> Optional[cl.User]:
 @cl.on_chat_start
 async def on_chat_start() -> None:
     await argus.on_chat_start()
+
+
+@cl.on_chat_resume
+async def on_chat_resume(thread: cl.types.ThreadDict) -> None:
+    await argus.on_chat_resume(thread)
 
 
 @cl.on_message

@@ -1,4 +1,5 @@
-"""Command line: ``python -m argus users create EMAIL [--name NAME] [--admin]`` and ``users list``.
+"""Command line: ``python -m argus users create EMAIL [--name NAME] [--admin]``, ``users list``
+and ``store migrate [--to MONGO_URI] [--db NAME] [--from DATA_DIR]`` (SQLite -> MongoDB).
 
 The password is read from standard input (first line) when it is not a
 terminal, so scripts can pipe it in; on a terminal it is asked twice without
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Optional, Sequence
 
 from argus.auth import Authenticator, SignupError
@@ -62,6 +65,24 @@ def _users_list(args: argparse.Namespace) -> None:
         print(f"{u.email:<{width}}  {u.role:<5}  {created}  {u.name}")
 
 
+def _store_migrate(args: argparse.Namespace) -> None:
+    from argus.store import mongo_settings
+    from argus.store.migrate import migrate_sqlite_to_mongo
+
+    settings = Settings.from_env()  # also loads .env, so MONGO_URI/MONGO_DB may come from it
+    data_dir = Path(args.from_dir).resolve() if args.from_dir else settings.data_dir
+    env = mongo_settings()
+    uri = args.to or (env[0] if env else None)
+    if not uri:
+        raise CliError("No MongoDB to copy to: pass --to mongodb://HOST:PORT/DB or set MONGO_URI.")
+    db_name = args.db or os.environ.get("MONGO_DB", "").strip() or None
+    try:
+        migrate_sqlite_to_mongo(data_dir, uri, db_name, progress=print)
+    except ValueError as exc:  # a malformed URI (the message never repeats its password)
+        raise CliError(f"--to is {exc}") from None
+    print("Done. Running it again copies nothing new.")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m argus", description="Jarvis Argus administration.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="make the account an administrator")
     create.set_defaults(func=_users_create)
     users.add_parser("list", help="list accounts").set_defaults(func=_users_list)
+    store = commands.add_parser("store", help="manage the storage").add_subparsers(dest="action", required=True)
+    migrate = store.add_parser(
+        "migrate",
+        help="copy everything from the SQLite store to MongoDB (idempotent)",
+        description="Copy users, conversations, messages, attachments and feedback from the SQLite store "
+        "to MongoDB, keeping ids and timestamps. Safe to run again: it upserts by id, so nothing is duplicated.",
+    )
+    migrate.add_argument("--to", metavar="MONGO_URI", help="the MongoDB to copy to (default: $MONGO_URI)")
+    migrate.add_argument("--db", metavar="NAME", help="database name (default: $MONGO_DB, else the URI's path, else argus)")
+    migrate.add_argument("--from", dest="from_dir", metavar="DATA_DIR", help="the data directory (default: $ARGUS_DATA_DIR)")
+    migrate.set_defaults(func=_store_migrate)
     return parser
 
 

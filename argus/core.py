@@ -19,6 +19,14 @@ it. This module owns:
 * conversation memory: the stored messages of the current conversation up to
   the message being answered are the model's history (the engine trims the
   oldest to fit its window);
+* Chainlit's history (``argus.datalayer``): a conversation id IS the Chainlit
+  thread id and a message id IS the step id, so the sidebar, feedback and
+  resume see our rows; the messages this handler sends carry their kind in
+  ``metadata["argus"]`` (answer, command reply, notice) so the data layer
+  stores none of them twice and never stores replies or notices;
+  ``on_chat_resume`` continues a conversation from the sidebar, and commands
+  that move the chat to another conversation (``/new``, ``/select``,
+  ``/delete``) move the Chainlit session's thread with it;
 * at most :data:`MAX_CONCURRENT_GENERATIONS` answers generated at once over all
   users (each holds a KV cache); others wait for a slot, with a short note;
 * streaming the answer to the browser (``argus.streaming``) and storing it as
@@ -35,10 +43,13 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, TypeVar
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import chainlit as cl
+from chainlit.context import ChainlitContextException
 
 from argus.auth import Authenticator, LoginThrottled
 from argus.auth import _humanize as humanize_wait
@@ -51,8 +62,18 @@ from argus.commands import (
     parse_command,
     run_command,
 )
-from argus.commands.base import one_line
+from argus.commands.base import OutFile, new_thread_id, one_line
 from argus.config import Settings
+from argus.datalayer import (
+    EMPTY_ANSWER,
+    GENERATION_FAILED,
+    KIND_ANSWER,
+    KIND_COMMAND,
+    KIND_KEY,
+    KIND_NOTICE,
+    STOPPED_MARK,
+    ArgusDataLayer,
+)
 from argus.ratelimit import SlidingWindowLimiter
 from argus.signup import current_client_ip
 from argus.store import NotFound, Store, StoreError, open_store
@@ -85,12 +106,10 @@ COMMANDS_PER_MINUTE = 60
 TEXT_ONLY_NOTICE = "The local model reads text only; I stored your image and answered the text."
 TEXT_ONLY_NOTICE_NO_TEXT = "The local model reads text only; I stored your image. Add some text to get an answer."
 STORE_DOWN = "I can't reach the database right now, so nothing was saved; please try again in a moment."
-GENERATION_FAILED = "Something went wrong while generating the answer; please try again."
 SIGNED_OUT = "Your session has no signed-in user; please sign in again."
 ACCOUNT_GONE = "Your account no longer exists; please sign in again."
 CONVERSATION_GONE = "That conversation is no longer available; send your message again to start a new one."
 EMPTY_MESSAGE = "Send some text (or an image) and I'll answer."
-STOPPED_MARK = "_(stopped)_"
 WAITING_FOR_SLOT = "_Other answers are being generated right now; yours starts as soon as one finishes…_"
 
 
@@ -130,16 +149,20 @@ class Turn:
     Attributes:
         conv_id, user_id: where it is stored.
         message_id: the stored user message.
+        step_id: the id of the answer: its stored row and the Chainlit step
+            showing it (so ratings of the shown answer find the row).
         answer_id: an empty ``stopped`` assistant row stored right after the
             user message, made when a later message of the session is stored
             before this one is answered (rows then still read question,
-            answer, question, answer); the answer fills it in.
+            answer, question, answer); the answer fills it in (its id is
+            ``step_id``).
         answered: the answer row was written (or attempted).
     """
 
     conv_id: str
     user_id: str
     message_id: str
+    step_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     answer_id: Optional[str] = None
     answered: bool = False
 
@@ -259,6 +282,11 @@ class JarvisArgus:
         self.model = ModelHolder(
             model_loader or (lambda: LocalModel.load(settings.model_path, settings.blocks_per_stage))
         )
+        #: Chainlit's data layer over the same store (``@cl.data_layer`` returns it).
+        self.data_layer = ArgusDataLayer(self.store)
+        #: Each live chat session's state, by Chainlit session id: Chainlit replaces the
+        #: user session when it resumes a thread on a reconnect; in-flight work keeps it.
+        self._states: "weakref.WeakValueDictionary[str, SessionState]" = weakref.WeakValueDictionary()
 
     def start(self) -> None:
         """Start loading the model in a background thread (returns at once)."""
@@ -294,12 +322,74 @@ class JarvisArgus:
 
     # ---- session helpers -----------------------------------------------------
     @staticmethod
-    def _state() -> SessionState:
+    def _session() -> Any:
+        """The Chainlit session of this call, or None outside one."""
+        try:
+            return cl.context.session
+        except ChainlitContextException:
+            return None
+
+    def _remember(self, state: SessionState) -> SessionState:
+        session = self._session()
+        if session is not None:
+            self._states[session.id] = state
+        cl.user_session.set(STATE_KEY, state)
+        return state
+
+    def _state(self) -> SessionState:
         state = cl.user_session.get(STATE_KEY)
         if not isinstance(state, SessionState):
-            state = SessionState()
-            cl.user_session.set(STATE_KEY, state)
+            session = self._session()
+            state = self._states.get(session.id) if session is not None else None
+            if state is None:
+                state = SessionState(thread_id=getattr(session, "thread_id", None))
+            self._remember(state)
         return state
+
+    def _thread_id(self, state: SessionState) -> str:
+        """The thread (= id of the next conversation) this chat writes to."""
+        if not state.thread_id:
+            state.thread_id = getattr(self._session(), "thread_id", None) or new_thread_id()
+        return state.thread_id
+
+    async def _fresh_thread(self, state: SessionState, *, announce: bool = False) -> str:
+        """Move the chat to a new, empty thread (its conversation is created by the next message).
+
+        ``announce``: tell the browser now (a message is being handled in the new
+        thread); otherwise Chainlit announces it with the next message.
+        """
+        state.conversation_id = None
+        state.thread_id = new_thread_id()
+        await self._sync_thread(state, announce=announce)
+        return state.thread_id
+
+    async def _sync_thread(self, state: SessionState, *, announce: bool = False) -> None:
+        """Bring the Chainlit session (and the browser) to ``state.thread_id``.
+
+        An existing conversation (``/select``) is shown like the sidebar resumes a
+        thread: ``first_interaction`` with its id, then ``resume_thread`` with its
+        messages (the browser redraws the chat, or opens ``/thread/<id>`` when it
+        was showing another resumed thread). A new thread (``/new``, ``/delete``)
+        is announced by Chainlit with the next message (``has_first_interaction``
+        reset), unless ``announce``.
+        """
+        session = self._session()
+        if session is None or not state.thread_id or session.thread_id == state.thread_id:
+            return
+        session.thread_id = state.thread_id
+        session.thread_id_to_resume = None
+        emitter = cl.context.emitter
+        if state.conversation_id == state.thread_id:
+            session.has_first_interaction = True
+            await emitter.emit("first_interaction", {"interaction": "resume", "thread_id": state.thread_id})
+            thread = await self.data_layer.get_thread(state.thread_id)
+            if thread is not None:
+                await emitter.resume_thread(thread)
+        elif announce:
+            session.has_first_interaction = True
+            await emitter.emit("first_interaction", {"interaction": "new", "thread_id": state.thread_id})
+        else:
+            session.has_first_interaction = False
 
     @staticmethod
     def _user_id() -> Optional[str]:
@@ -309,17 +399,30 @@ class JarvisArgus:
         return uid if isinstance(uid, str) and uid else None
 
     @staticmethod
-    async def _say(content: str) -> None:
-        await cl.Message(content=content).send()
+    async def _say(
+        content: str, *, kind: str = KIND_NOTICE, id: Optional[str] = None, files: Sequence[OutFile] = ()
+    ) -> None:
+        """Send a message; ``kind`` (``metadata["argus"]``) tells the data layer what it is."""
+        elements = [cl.File(name=f.name, content=f.data, mime=f.mime, display="inline") for f in files]
+        await cl.Message(content=content, id=id, metadata={KIND_KEY: kind}, elements=elements).send()
 
     def _models(self) -> list[ModelInfo]:
         return [self.model.info()]
 
     # ---- hooks ---------------------------------------------------------------
     async def on_chat_start(self) -> None:
-        """New chat session: fresh state, the command menu; checks the account still exists."""
-        state = SessionState()
-        cl.user_session.set(STATE_KEY, state)
+        """New chat session: fresh state, the command menu; checks the account still exists.
+
+        When the browser asked to resume a thread that could not be resumed
+        (missing, deleted, or another user's: Chainlit then starts a new chat
+        but keeps that id), the session gets a fresh thread id instead.
+        """
+        session = self._session()
+        if session is not None and getattr(session, "thread_id_to_resume", None):
+            log.info("thread %s could not be resumed; starting a new one", session.thread_id_to_resume)
+            session.thread_id = new_thread_id()
+            session.thread_id_to_resume = None
+        self._remember(SessionState(thread_id=getattr(session, "thread_id", None)))
         await cl.context.emitter.set_commands(menu())
         self.start()
         uid = self._user_id()
@@ -330,6 +433,35 @@ class JarvisArgus:
                 await self._say(ACCOUNT_GONE)
         except StoreError:
             log.exception("store error at chat start")
+
+    async def on_chat_resume(self, thread: dict) -> None:
+        """A conversation opened from the history (Chainlit checked it is the user's, via
+        ``ArgusDataLayer.get_thread``): continue it. Its stored messages are the
+        model's memory, as for any conversation; the command menu is sent again.
+        """
+        session = self._session()
+        uid = self._user_id()
+        thread_id = thread.get("id") if isinstance(thread, dict) else None
+        previous = self._states.get(session.id) if session is not None else None
+        if previous is not None and previous.conversation_id == thread_id:
+            state = previous  # a reconnect: keep the running answers' state
+        else:
+            state = SessionState(thread_id=getattr(session, "thread_id", None))
+        self._remember(state)
+        await cl.context.emitter.set_commands(menu())
+        self.start()
+        if uid is None or not isinstance(thread_id, str):
+            return
+        try:
+            conv = await asyncio.to_thread(self.store.get_conversation, thread_id, uid)
+        except NotFound:  # not theirs after all (or deleted meanwhile): a new thread
+            await self._fresh_thread(state)
+            return
+        except StoreError:
+            log.exception("store error at chat resume")
+            return
+        state.conversation_id = conv.id
+        state.thread_id = conv.id
 
     async def on_stop(self) -> None:
         """Chainlit's stop button: stop everything this session is doing.
@@ -374,9 +506,14 @@ class JarvisArgus:
             parsed = parse_command(content, getattr(message, "command", None))
             if parsed is not None:
                 if not self.command_limiter.hit(uid):
-                    await self._say(self.rate_limit_message(self.command_limiter.retry_after(uid), commands=True))
+                    await self._say(
+                        self.rate_limit_message(self.command_limiter.retry_after(uid), commands=True), kind=KIND_COMMAND
+                    )
                     return
-                await self._say(await self.run_command(parsed, uid, state))
+                files: list[OutFile] = []
+                reply = await self.run_command(parsed, uid, state, files=files)
+                await self._sync_thread(state)  # /new, /select, /delete move the chat
+                await self._say(reply, kind=KIND_COMMAND, files=files)
                 return
             if not self.limiter.hit(uid):
                 await self._say(self.rate_limit_message(self.limiter.retry_after(uid)))
@@ -384,7 +521,7 @@ class JarvisArgus:
             await self._chat(message, uid, state)
         except NotFound:  # the current conversation vanished meanwhile
             log.warning("conversation %s not found for user %s", state.conversation_id, uid)
-            state.conversation_id = None
+            await self._fresh_thread(state)  # the next message starts a new conversation
             await self._say(CONVERSATION_GONE)
         except StoreError:  # StoreUnavailable included
             log.exception("store error")
@@ -400,15 +537,26 @@ class JarvisArgus:
             f"please wait {humanize_wait(retry_after_s)} and try again."
         )
 
-    async def run_command(self, parsed: ParsedCommand, user_id: str, state: SessionState) -> str:
-        """Run a slash command for ``user_id`` and return its reply."""
+    async def run_command(
+        self, parsed: ParsedCommand, user_id: str, state: SessionState, *, files: Optional[list] = None
+    ) -> str:
+        """Run a slash command for ``user_id`` and return its reply; files for the reply
+        (``/export``) are appended to ``files``."""
         if parsed.name == "model":
             try:  # let /model show the real id once the load has finished
                 await asyncio.wait_for(asyncio.shield(self.model.get()), timeout=30)
             except (ModelLoadError, asyncio.TimeoutError):
                 pass
-        ctx = CommandContext(store=self.store, user_id=user_id, state=state, models=self._models())
-        return await run_command(ctx, parsed)
+        from chainlit.config import config
+
+        ctx = CommandContext(
+            store=self.store, user_id=user_id, state=state, models=self._models(),
+            root_path=config.run.root_path or "",
+        )
+        reply = await run_command(ctx, parsed)
+        if files is not None:
+            files.extend(ctx.files)
+        return reply
 
     # ---- chat ----------------------------------------------------------------
     def _model_id_now(self, state: SessionState) -> str:
@@ -467,21 +615,47 @@ class JarvisArgus:
                 if earlier.conv_id == conv_id and earlier.answer_id is None and not earlier.answered:
                     row = await asyncio.to_thread(
                         self.store.add_message, conv_id, user_id, "assistant", "", status="stopped", model=model_id,
+                        message_id=earlier.step_id,
                     )
                     earlier.answer_id = row.id
             attachment_ids = []
             for img in check.images:
                 att = await asyncio.to_thread(self.store.save_attachment, user_id, img.name, img.mime, img.data)
                 attachment_ids.append(att.id)
-            stored = await asyncio.to_thread(
-                self.store.add_message, conv_id, user_id, "user", text,
-                status="complete", model=model_id, attachment_ids=attachment_ids,
-            )
+            stored = await self._add_user_message(message, conv_id, user_id, text, model_id, attachment_ids)
             turn = None
             if text:
                 turn = Turn(conv_id=conv_id, user_id=user_id, message_id=stored.id)
                 state.turns.append(turn)
         return Intake(check, stored=True, turn=turn, conv_id=conv_id)
+
+    async def _add_user_message(
+        self, message: cl.Message, conv_id: str, user_id: str, text: str, model_id: str, attachment_ids: list[str]
+    ):
+        """Store the user's message under its Chainlit step id (so the history shows our row).
+
+        A step id that is already a stored message (a client re-sending an old id)
+        is not reused: the message is stored under a new id, never over another one.
+        """
+        step_id = getattr(message, "id", None)
+        if isinstance(step_id, str) and step_id:
+            try:
+                await asyncio.to_thread(self.store.get_message, step_id, user_id)
+                log.warning("message id %s is already stored; storing under a new id", step_id)
+                step_id = None
+            except NotFound:
+                pass
+        else:
+            step_id = None
+        add = self.store.add_message
+        kwargs = dict(status="complete", model=model_id, attachment_ids=attachment_ids)
+        try:
+            return await asyncio.to_thread(add, conv_id, user_id, "user", text, message_id=step_id, **kwargs)
+        except NotFound:
+            if step_id is None:
+                raise
+            # the id may be someone else's message; if the conversation is gone this raises again
+            return await asyncio.to_thread(add, conv_id, user_id, "user", text, **kwargs)
 
     async def _record_answer(self, turn: Turn, state: SessionState, content: str, status: str, model_id: str) -> None:
         """Store ``turn``'s answer row (filling its placeholder row if it has one)."""
@@ -490,7 +664,7 @@ class JarvisArgus:
             if turn.answer_id is None:
                 await asyncio.to_thread(
                     self.store.add_message, turn.conv_id, turn.user_id, "assistant", content,
-                    status=status, model=model_id,
+                    status=status, model=model_id, message_id=turn.step_id,
                 )
             else:
                 await asyncio.to_thread(
@@ -504,7 +678,7 @@ class JarvisArgus:
                 model = await self.model.get()
             except ModelLoadError as e:
                 model_error = str(e) or GENERATION_FAILED
-                await self._say(model_error)
+                await self._say(model_error, kind=KIND_ANSWER, id=turn.step_id)
                 await _unstoppable(self._record_answer(
                     turn, state, model_error, "error", state.model_id or LOCAL_MODEL_FALLBACK_ID,
                 ))
@@ -515,11 +689,22 @@ class JarvisArgus:
     async def _ensure_conversation(
         self, state: SessionState, user_id: str, text: str, check: UploadCheck, model_id: str
     ) -> str:
+        """The current conversation; the first message creates it, with the chat's thread id
+        as its id (the data layer then writes anything queued for that thread)."""
         if state.conversation_id:
             return state.conversation_id
         title = one_line(text, TITLE_CHARS) if text else f"Image: {check.images[0].name}"
-        conv = await asyncio.to_thread(self.store.create_conversation, user_id, title, model_id)
+        create = self.store.create_conversation
+        thread_id = self._thread_id(state)
+        try:
+            conv = await asyncio.to_thread(create, user_id, title, model_id, conversation_id=thread_id)
+        except NotFound:  # the id is another account's conversation: never write there
+            log.warning("thread id %s is taken; this chat moves to a new thread", thread_id)
+            thread_id = await self._fresh_thread(state, announce=True)
+            conv = await asyncio.to_thread(create, user_id, title, model_id, conversation_id=thread_id)
         state.conversation_id = conv.id
+        state.thread_id = conv.id
+        await self.data_layer.conversation_created(conv)
         return conv.id
 
     async def _history(self, conv_id: str, user_id: str, upto: Optional[str] = None) -> list[dict]:
@@ -567,7 +752,7 @@ class JarvisArgus:
         if not self.slots.locked():
             await self.slots.acquire()  # free: returns at once
             return
-        note = cl.Message(content=WAITING_FOR_SLOT)
+        note = cl.Message(content=WAITING_FOR_SLOT, metadata={KIND_KEY: KIND_NOTICE})
         await note.send()
         try:
             await self.slots.acquire()
@@ -614,7 +799,7 @@ class JarvisArgus:
         await self._take_slot()  # a stop while waiting: _chat records "stopped before answering"
         handle = StreamHandle()
         state.stream = handle
-        msg = cl.Message(content="")
+        msg = cl.Message(content="", id=turn.step_id, metadata={KIND_KEY: KIND_ANSWER})
         result: Optional[StreamResult] = None
         try:
             result = await stream_pieces(
@@ -656,7 +841,7 @@ class JarvisArgus:
             else:
                 shown = f"{text}\n\n{GENERATION_FAILED}" if text.strip() else GENERATION_FAILED
         else:
-            shown = text if text.strip() else "_(The model gave an empty answer.)_"
+            shown = text if text.strip() else EMPTY_ANSWER
         msg.content = shown
         try:
             await msg.send()

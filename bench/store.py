@@ -101,7 +101,7 @@ def bulk_fill_sqlite(store: SQLiteStore, corpus: Corpus, target: int, per_conv: 
         conn.execute("BEGIN")
         if corpus.long_conv is None:
             cid, owner = uuid.uuid4().hex, corpus.users[0]
-            conn.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+            conn.execute("INSERT INTO conversations (id, owner_id, title, model, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                          (cid, owner, "the long one", "bench", corpus.clock, corpus.clock))
             corpus.long_conv = (cid, owner)
         new_convs: list[tuple] = []
@@ -133,7 +133,7 @@ def bulk_fill_sqlite(store: SQLiteStore, corpus: Corpus, target: int, per_conv: 
             corpus.convs.append((cid, owner))
             regular -= n
         flush()
-        conn.executemany("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)", new_convs)
+        conn.executemany("INSERT INTO conversations (id, owner_id, title, model, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)", new_convs)
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

@@ -1,6 +1,7 @@
 """Slash commands: parsing, the registry, and each command against a real SQLiteStore."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -16,8 +17,9 @@ from argus.commands import (
     run_command,
 )
 from argus.commands.convs import MAX_PAGE
+from argus.commands.delete import CONFIRM_FIRST, CONFIRM_WINDOW_S
 from argus.commands.select import NOT_FOUND
-from argus.store import SQLiteStore
+from argus.store import NotFound, SQLiteStore
 
 LOCAL = ModelInfo(id="smollm2-135m-test", name="SmolLM2 135M (local)")
 
@@ -78,7 +80,7 @@ def test_parse_command(text, command, expected):
 
 
 def test_registry_and_menu():
-    assert list(COMMANDS) == ["help", "new", "convs", "select", "model"]
+    assert list(COMMANDS) == ["help", "new", "convs", "select", "search", "rename", "export", "delete", "model"]
     items = menu()
     assert [i["id"] for i in items] == list(COMMANDS)
     for item in items:  # the shape chainlit.types.CommandDict expects
@@ -103,9 +105,10 @@ async def test_unknown_command_points_to_help(store, alice):
 # ---- /new -------------------------------------------------------------------------
 async def test_new_resets_the_conversation(store, alice):
     conv = store.create_conversation(alice.id, "old", LOCAL.id)
-    state = SessionState(conversation_id=conv.id)
+    state = SessionState(conversation_id=conv.id, thread_id=conv.id)
     reply = await run(ctx_for(store, alice, state), "/new")
     assert state.conversation_id is None
+    assert state.thread_id and state.thread_id != conv.id  # the next conversation gets its own thread
     assert "new conversation" in reply.lower()
 
 
@@ -209,6 +212,8 @@ async def test_select_switches_and_shows_recent_messages(store, alice):
     state = SessionState()
     reply = await run(ctx_for(store, alice, state), f"/select {conv.id}")
     assert state.conversation_id == conv.id
+    assert state.thread_id == conv.id  # the chat moves to that conversation's thread
+    assert f"(/thread/{conv.id})" in reply  # a link to it, as the history sidebar opens it
     assert "Trip" in reply
     assert reply.index("Where should I go?") < reply.index("Try the mountains.")  # oldest first
     assert "**You:**" in reply and "**Assistant:**" in reply
@@ -244,6 +249,7 @@ async def test_select_other_users_conversation_is_indistinguishable_from_missing
     assert foreign == missing == NOT_FOUND == "No conversation with that id."
     assert "secret" not in foreign
     assert state.conversation_id == mine.id  # unchanged
+    assert state.thread_id is None
 
 
 @pytest.mark.parametrize("args", ["", "a b", "x" * 500, "'; DROP TABLE conversations; --"])
@@ -294,6 +300,137 @@ async def test_commands_do_not_store_messages(store, alice):
     conv = store.create_conversation(alice.id, "c", LOCAL.id)
     state = SessionState(conversation_id=conv.id)
     ctx = ctx_for(store, alice, state)
-    for text in ["/help", "/convs", f"/select {conv.id}", "/model", "/nope"]:
+    for text in ["/help", "/convs", f"/select {conv.id}", "/search c", "/rename c2", "/export", "/delete", "/model", "/nope"]:
         await run(ctx, text)
     assert store.list_messages(conv.id, alice.id).items == []
+
+
+async def test_select_waits_while_an_answer_is_being_written(store, alice):
+    here = store.create_conversation(alice.id, "here", LOCAL.id)
+    there = store.create_conversation(alice.id, "there", LOCAL.id)
+    state = SessionState(conversation_id=here.id, thread_id=here.id)
+    state.turns.append(object())  # a message of this chat still waits for its answer
+    reply = await run(ctx_for(store, alice, state), f"/select {there.id}")
+    assert "wait" in reply.lower()
+    assert state.conversation_id == here.id and state.thread_id == here.id
+
+
+# ---- /search ----------------------------------------------------------------------------
+async def test_search_finds_own_messages_with_title_snippet_and_id(store, alice, bob):
+    trip = store.create_conversation(alice.id, "Trip *plans*", LOCAL.id)
+    store.add_message(trip.id, alice.id, "user", "Where should I go in " + "the " * 30 + "Alps next winter?")
+    store.add_message(trip.id, alice.id, "assistant", "The alps are lovely.")
+    other = store.create_conversation(alice.id, "Cooking", LOCAL.id)
+    store.add_message(other.id, alice.id, "user", "pasta recipe")
+    theirs = store.create_conversation(bob.id, "Bob's alps", LOCAL.id)
+    store.add_message(theirs.id, bob.id, "user", "secret alps hut")
+    reply = await run(ctx_for(store, alice), "/search ALPS")
+    assert trip.id in reply and r"Trip \*plans\*" in reply
+    assert "**Alps**" in reply and "**alps**" in reply  # the match, in bold, as written
+    assert "…the the" in reply  # a long message shows the part around the match
+    assert other.id not in reply
+    assert theirs.id not in reply and "secret" not in reply and "hut" not in reply
+    assert "/select" in reply
+
+
+async def test_search_without_results_and_bad_arguments(store, alice):
+    reply = await run(ctx_for(store, alice), "/search nothing-like-this")
+    assert "None of your messages contain" in reply
+    assert "/help" in await run(ctx_for(store, alice), "/search")
+    assert "/help" in await run(ctx_for(store, alice), "/search " + "x" * 201)
+
+
+# ---- /rename ----------------------------------------------------------------------------
+async def test_rename_the_current_conversation(store, alice):
+    conv = store.create_conversation(alice.id, "old title", LOCAL.id)
+    state = SessionState(conversation_id=conv.id)
+    reply = await run(ctx_for(store, alice, state), "/rename   Holiday   *ideas*  ")
+    assert store.get_conversation(conv.id, alice.id).title == "Holiday *ideas*"
+    assert r"Holiday \*ideas\*" in reply
+
+
+async def test_rename_needs_a_title_and_a_conversation(store, alice, bob):
+    assert "/help" in await run(ctx_for(store, alice), "/rename")
+    reply = await run(ctx_for(store, alice), "/rename Something")
+    assert "no saved conversation" in reply.lower()
+    theirs = store.create_conversation(bob.id, "Bob's", LOCAL.id)
+    # the argument is the title: there is no way to name another conversation
+    await run(ctx_for(store, alice, SessionState()), f"/rename {theirs.id}")
+    assert store.get_conversation(theirs.id, bob.id).title == "Bob's"
+
+
+# ---- /export ----------------------------------------------------------------------------
+async def test_export_markdown_and_json(store, alice):
+    conv = store.create_conversation(alice.id, "Trip: Alps/2025", LOCAL.id)
+    store.add_message(conv.id, alice.id, "user", "Where should I go?")
+    store.add_message(conv.id, alice.id, "assistant", "Try the mountains.")
+    store.add_message(conv.id, alice.id, "assistant", "half", status="stopped")
+    state = SessionState(conversation_id=conv.id)
+    ctx = ctx_for(store, alice, state)
+    reply = await run(ctx, "/export")
+    assert "Markdown" in reply and "3 messages" in reply
+    (md,) = ctx.files
+    assert md.name == "Trip-Alps-2025.md" and md.mime == "text/markdown"
+    text = md.data.decode("utf-8")
+    assert text.startswith("# Trip: Alps/2025\n")
+    assert text.index("Where should I go?") < text.index("Try the mountains.")
+    assert "half" in text and "_(stopped)_" in text
+
+    ctx = ctx_for(store, alice, state)
+    await run(ctx, "/export JSON")
+    (js,) = ctx.files
+    assert js.name.endswith(".json") and js.mime == "application/json"
+    doc = json.loads(js.data)
+    assert doc["conversation"]["id"] == conv.id and doc["conversation"]["title"] == "Trip: Alps/2025"
+    assert [(m["role"], m["content"], m["status"]) for m in doc["messages"]] == [
+        ("user", "Where should I go?", "complete"),
+        ("assistant", "Try the mountains.", "complete"),
+        ("assistant", "half", "stopped"),
+    ]
+
+
+async def test_export_needs_a_conversation_and_a_known_format(store, alice):
+    ctx = ctx_for(store, alice)
+    assert "nothing to export" in (await run(ctx, "/export")).lower() and ctx.files == []
+    conv = store.create_conversation(alice.id, "c", LOCAL.id)
+    ctx = ctx_for(store, alice, SessionState(conversation_id=conv.id))
+    assert "/help" in await run(ctx, "/export pdf") and ctx.files == []
+
+
+# ---- /delete ----------------------------------------------------------------------------
+async def test_delete_asks_then_deletes_on_confirm(store, alice):
+    conv = store.create_conversation(alice.id, "Doomed", LOCAL.id)
+    store.add_message(conv.id, alice.id, "user", "bye")
+    keep = store.create_conversation(alice.id, "Keep", LOCAL.id)
+    state = SessionState(conversation_id=conv.id, thread_id=conv.id)
+    ctx = ctx_for(store, alice, state)
+    ask = await run(ctx, "/delete")
+    assert "Doomed" in ask and "/delete confirm" in ask
+    assert store.get_conversation(conv.id, alice.id)  # nothing deleted yet
+    done = await run(ctx, "/delete confirm")
+    assert "Deleted **Doomed**" in done
+    with pytest.raises(NotFound):
+        store.get_conversation(conv.id, alice.id)
+    assert state.conversation_id is None and state.thread_id not in (None, conv.id)  # starts fresh
+    assert store.get_conversation(keep.id, alice.id)
+
+
+async def test_delete_confirm_needs_a_recent_delete_for_the_same_conversation(store, alice):
+    conv = store.create_conversation(alice.id, "Safe", LOCAL.id)
+    other = store.create_conversation(alice.id, "Other", LOCAL.id)
+    now = [1000.0]
+    state = SessionState(conversation_id=conv.id)
+    ctx = CommandContext(store=store, user_id=alice.id, state=state, models=[LOCAL], clock=lambda: now[0])
+    assert await run(ctx, "/delete confirm") == CONFIRM_FIRST  # no /delete before
+    await run(ctx, "/delete")
+    now[0] += CONFIRM_WINDOW_S + 1
+    assert await run(ctx, "/delete confirm") == CONFIRM_FIRST  # too late
+    await run(ctx, "/delete")
+    state.conversation_id = other.id  # switched meanwhile
+    assert await run(ctx, "/delete confirm") == CONFIRM_FIRST
+    assert store.get_conversation(conv.id, alice.id) and store.get_conversation(other.id, alice.id)
+    assert "/help" in await run(ctx, "/delete everything")
+
+
+async def test_delete_without_a_conversation(store, alice):
+    assert "no saved conversation" in (await run(ctx_for(store, alice), "/delete")).lower()

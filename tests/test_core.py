@@ -37,8 +37,9 @@ from argus.core import (
     JarvisArgus,
     too_long_message,
 )
+from argus.datalayer import KIND_ANSWER, KIND_COMMAND, KIND_KEY, KIND_NOTICE
 from argus.store import SQLiteStore, StoreUnavailable
-from worker.engine import SamplingParams
+from worker.engine import ModelLoadError, SamplingParams
 
 TIMEOUT = 240.0  # generous: other test runs share the two cores
 HASH = "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot"
@@ -123,6 +124,12 @@ class RecordingEmitter(BaseChainlitEmitter):
     async def set_commands(self, commands):
         self._record("set_commands", commands)
 
+    async def emit(self, event, data):
+        self._record(event, data)
+
+    async def resume_thread(self, thread_dict):
+        self._record("resume_thread", thread_dict)
+
 
 class Chat:
     """One browser session of ``user`` talking to ``argus``."""
@@ -146,6 +153,12 @@ class Chat:
 
     async def start(self) -> None:
         await self._spawn(self.argus.on_chat_start)
+
+    async def resume(self, thread: dict) -> None:
+        """Like Chainlit resuming ``thread`` (the session was opened with its id)."""
+        self.session.thread_id = thread["id"]
+        self.session.thread_id_to_resume = thread["id"]
+        await self._spawn(lambda: self.argus.on_chat_resume(thread))
 
     def send(self, text: str) -> asyncio.Task:
         """Like Chainlit's ``client_message``: on_message in a new task (the session's newest)."""
@@ -449,3 +462,108 @@ async def test_a_failing_browser_socket_still_saves_the_partial_answer(make_argu
     started = next(d["output"] for k, d in chat.emitter.events if k == "stream_start")
     assert answer[2].startswith(started + streamed) and len(answer[2]) > len(started + streamed)
     await wait_until(lambda: argus.slots._value == 2)
+
+
+# ---- Chainlit threads: conversation id = thread id, /new, /select, resume ----------------
+def no_model():
+    raise ModelLoadError("The model file /nowhere.gguf does not exist.")
+
+
+async def test_conversation_and_message_ids_are_chainlits_thread_and_step_ids(make_argus, store, alice):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("Hello")
+    (conv,) = store.list_conversations(alice.id).items
+    assert conv.id == chat.session.thread_id
+    (answer,) = [d for k, d in chat.emitter.events if k == "send" and d["type"] == "assistant_message"]
+    assert answer["metadata"] == {KIND_KEY: KIND_ANSWER}
+    assert [m.id for m in store.list_messages(conv.id, alice.id).items][0] == answer["id"]
+
+
+async def test_replies_and_notices_are_marked_so_the_data_layer_skips_them(make_argus, store, alice):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("/help")
+    await chat.turn("x" * (MAX_MESSAGE_CHARS + 1))
+    kinds = [d["metadata"].get(KIND_KEY) for k, d in chat.emitter.events if k == "send"]
+    assert kinds == [KIND_COMMAND, KIND_NOTICE]
+
+
+async def test_new_moves_the_chat_to_a_new_thread(make_argus, store, alice):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("First")
+    first = chat.session.thread_id
+    chat.session.has_first_interaction = True  # as Chainlit sets it on the first message
+    await chat.turn("/new")
+    assert chat.session.thread_id != first
+    assert chat.session.has_first_interaction is False  # Chainlit announces the new thread with the next message
+    await chat.turn("Second")
+    convs = {c.id: c.title for c in store.list_conversations(alice.id).items}
+    assert convs == {first: "First", chat.session.thread_id: "Second"}
+
+
+async def test_select_shows_the_conversation_like_a_resume_and_continues_it(make_argus, store, alice):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("First")
+    first = chat.session.thread_id
+    await chat.turn("/new")
+    await chat.turn("Second")
+    mark = len(chat.emitter.events)
+    await chat.turn(f"/select {first}")
+    assert chat.session.thread_id == first and chat.session.has_first_interaction
+    after = chat.emitter.events[mark:]
+    names = [k for k, _ in after]
+    assert names.index("first_interaction") < names.index("resume_thread") < names.index("send")  # reply last
+    resumed = next(d for k, d in after if k == "resume_thread")
+    assert resumed["id"] == first and [s["output"] for s in resumed["steps"]][0] == "First"
+    await chat.turn("First, again")
+    assert [r[2] for r in rows(store, alice, first) if r[0] == "user"] == ["First", "First, again"]
+
+
+async def test_resume_continues_the_stored_conversation(make_argus, store, alice):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("Remember the number 42.")
+    conv_id = chat.session.thread_id
+    thread = await chat._spawn(lambda: argus.data_layer.get_thread(conv_id))
+
+    later = Chat(argus, alice)  # another tab, another day: resumed from the history
+    await later.resume(thread)
+    assert later.emitter.events[0][0] == "set_commands"
+    await later.turn("What was the number?")
+    assert [r[2] for r in rows(store, alice, conv_id) if r[0] == "user"] == [
+        "Remember the number 42.", "What was the number?",
+    ]
+    history = await argus._history(conv_id, alice.id)
+    assert history[0] == {"role": "user", "content": "Remember the number 42."}
+
+
+async def test_a_thread_that_is_not_the_users_is_never_written(make_argus, store, alice, bob):
+    argus = make_argus(loader=no_model)
+    chat = Chat(argus, alice)
+    await chat.start()
+    await chat.turn("Alice's secret")
+    alices = chat.session.thread_id
+    thread = await chat._spawn(lambda: argus.data_layer.get_thread(alices))
+
+    intruder = Chat(argus, bob)
+    await intruder.resume(thread)  # even if on_chat_resume were called with her thread
+    await intruder.turn("Bob writes")
+    assert intruder.session.thread_id != alices
+    assert [r[2] for r in rows(store, alice, alices)] == ["Alice's secret", "The model file /nowhere.gguf does not exist."]
+
+    # a browser asking to resume a thread it may not see: Chainlit starts a new chat with that
+    # id (the resume failed); the chat gets a fresh thread instead
+    other = Chat(argus, bob)
+    other.session.thread_id = other.session.thread_id_to_resume = alices
+    await other.start()
+    assert other.session.thread_id != alices
+    await other.turn("Bob again")
+    assert len(rows(store, alice, alices)) == 2

@@ -83,7 +83,7 @@ def server_env(data_dir: Path, **extra_env: str) -> dict[str, str]:
         ARGUS_LOGIN_ATTEMPTS="3",
         ARGUS_LOG_LEVEL="INFO",
         JWT_SECRET_KEY=secrets.token_urlsafe(36),  # 48 characters
-        DATABASE_URL="",  # no Chainlit data layer, whatever .env says
+        DATABASE_URL="",  # Chainlit's own data layer stays off whatever .env says (app.py registers ours)
         LITERAL_API_KEY="",
         PYTHONUNBUFFERED="1",
     )
@@ -338,7 +338,9 @@ async def test_chat_streams_tokens_and_stores_the_conversation(server):
 async def test_command_menu_is_sent(server):
     async with ChatClient(server, "bob") as chat:
         _, commands = await chat.wait_for(lambda e: e[0] == "set_commands", 0, 5)
-        assert {c["id"] for c in commands} == {"help", "new", "convs", "select", "model"}
+        assert {c["id"] for c in commands} == {
+            "help", "new", "convs", "select", "search", "rename", "export", "delete", "model",
+        }
         (reply,) = replies(await chat.turn("/model"))
         assert "Current model" in reply
         (reply,) = replies(await chat.turn("/bogus"))

@@ -7,12 +7,13 @@ as chat messages.
 """
 from __future__ import annotations
 
-from argus.commands import convs, help, model, new, select
+from argus.commands import convs, delete, export, help, model, new, rename, search, select
 from argus.commands.base import (
     Command,
     CommandContext,
     CommandUsageError,
     ModelInfo,
+    OutFile,
     ParsedCommand,
     SessionState,
     parse_command,
@@ -26,6 +27,10 @@ COMMANDS: dict[str, Command] = {
         new.COMMAND,
         convs.COMMAND,
         select.COMMAND,
+        search.COMMAND,
+        rename.COMMAND,
+        export.COMMAND,
+        delete.COMMAND,
         model.COMMAND,
     )
 }
@@ -64,6 +69,7 @@ __all__ = [
     "CommandUsageError",
     "HELP_HINT",
     "ModelInfo",
+    "OutFile",
     "ParsedCommand",
     "SessionState",
     "menu",

@@ -3,7 +3,13 @@
 A command is a plain ``async`` function ``run(ctx, args) -> str`` returning the
 reply as Markdown. It gets everything through :class:`CommandContext` (the
 store, the user's id, the per-chat :class:`SessionState`, the models), so it
-can be called directly in tests without a Chainlit server.
+can be called directly in tests without a Chainlit server. Files for the
+reply (``/export``) go to ``ctx.files``.
+
+Commands never talk to Chainlit: a command that moves the chat to another
+conversation sets ``state.conversation_id`` and ``state.thread_id`` (the
+Chainlit thread id, which IS the conversation id), and the chat handler
+(``argus.core``) brings the Chainlit session and the browser in line.
 
 Commands raise :class:`CommandUsageError` for bad arguments; the dispatcher
 (``argus.commands.run_command``) turns that into a short reply pointing at
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Optional, Sequence
@@ -34,6 +42,13 @@ class SessionState:
     Attributes:
         conversation_id: the current conversation, or None until the first
             chat message creates one (``/new`` resets it to None).
+        thread_id: the Chainlit thread this chat writes to; the next
+            conversation is created with this id (a conversation id IS its
+            Chainlit thread id). None: the chat handler takes the Chainlit
+            session's. ``/new`` and ``/delete`` set a fresh one, ``/select``
+            the selected conversation's.
+        pending_delete: ``(conversation id, deadline)`` after ``/delete``,
+            until ``/delete confirm`` (UNIX seconds).
         model_id: the model chosen with ``/model``; None means the default.
         text_only_notice: conversation ids in which the "text only" notice for
             images was already shown.
@@ -52,6 +67,8 @@ class SessionState:
     """
 
     conversation_id: Optional[str] = None
+    thread_id: Optional[str] = None
+    pending_delete: Optional[tuple[str, float]] = None
     model_id: Optional[str] = None
     text_only_notice: set[str] = field(default_factory=set)
     stream: Any = None
@@ -75,6 +92,15 @@ class ModelInfo:
     loading: bool = False
 
 
+@dataclass(frozen=True)
+class OutFile:
+    """A file sent with a command's reply (shown as a download in the chat)."""
+
+    name: str
+    mime: str
+    data: bytes
+
+
 @dataclass
 class CommandContext:
     """What a command may use.
@@ -85,6 +111,9 @@ class CommandContext:
         state: this chat session's state; commands may change it.
         models: the models available to this user (first one is the default).
         page_size: conversations per ``/convs`` page.
+        files: files to send with the reply (commands append).
+        root_path: Chainlit's root path, for links to ``/thread/<id>``.
+        clock: UNIX seconds (for confirmations and export times).
     """
 
     store: Store
@@ -92,6 +121,9 @@ class CommandContext:
     state: SessionState
     models: Sequence[ModelInfo]
     page_size: int = 10
+    files: list = field(default_factory=list)
+    root_path: str = ""
+    clock: Callable[[], float] = time.time
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking store call off the event loop."""
@@ -174,6 +206,19 @@ def one_line(text: str, limit: int) -> str:
     """Collapse whitespace and cut to ``limit`` characters (with an ellipsis)."""
     flat = " ".join((text or "").split())
     return flat if len(flat) <= limit else flat[: max(0, limit - 1)].rstrip() + "…"
+
+
+def new_thread_id() -> str:
+    """A fresh Chainlit thread id (a UUID4 string, as Chainlit makes them)."""
+    return str(uuid.uuid4())
+
+
+def busy_reply(state: SessionState) -> Optional[str]:
+    """A sentence refusing to leave the conversation while one of its answers is still
+    being written (or waits), else None."""
+    if state.turns:
+        return "An answer is still being written here; wait for it (or press stop), then try again."
+    return None
 
 
 def escape_md(text: str) -> str:

@@ -69,7 +69,7 @@ async def run(ctx: CommandContext, args: str) -> str:
         lines.append(f"More: `/convs {page + 1}`. ")
     elif listing.next_cursor:
         lines.append(f"Older conversations exist, but /convs lists only the first {MAX_PAGE} pages. ")
-    lines.append("Open one with `/select <id>`.")
+    lines.append("Open one with `/select <id>` (or from the history sidebar).")
     return "\n".join(lines)
 
 

@@ -11,7 +11,13 @@ async def run(ctx: CommandContext, args: str) -> str:
     lines = ["**Commands**", ""]
     for cmd in COMMANDS.values():
         lines.append(f"- `{cmd.usage}` — {cmd.description}")
-    lines += ["", "Anything else you type is sent to the model."]
+    lines += [
+        "",
+        "Your conversations are also in the history sidebar (open, rename, delete, search);"
+        " `/select` opens one in this chat, like the sidebar does.",
+        "",
+        "Anything else you type is sent to the model.",
+    ]
     return "\n".join(lines)
 
 

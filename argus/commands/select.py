@@ -1,10 +1,17 @@
-"""``/select <id>`` — switch to one of the user's conversations."""
+"""``/select <id>`` — switch to one of the user's conversations.
+
+The chat moves to that conversation's Chainlit thread (``state.thread_id``):
+the chat handler then shows it in the browser the way the history sidebar
+resumes a thread, and the next message continues it. The reply recaps its
+last messages and links to ``/thread/<id>`` (the sidebar's page for it).
+"""
 from __future__ import annotations
 
 from argus.commands.base import (
     Command,
     CommandContext,
     CommandUsageError,
+    busy_reply,
     escape_md,
     one_line,
 )
@@ -38,7 +45,11 @@ async def run(ctx: CommandContext, args: str) -> str:
         page = await ctx.call(ctx.store.list_messages, conv.id, ctx.user_id, RECENT)
     except NotFound:
         return NOT_FOUND
+    if conv.id != ctx.state.conversation_id and (busy := busy_reply(ctx.state)):
+        return busy
     ctx.state.conversation_id = conv.id
+    ctx.state.thread_id = conv.id
+    ctx.state.pending_delete = None
     title = escape_md(one_line(conv.title, 60)) or "_(untitled)_"
     lines = [f"Switched to **{title}** (`{conv.id}`).", ""]
     messages = list(reversed(page.items))  # the store gives newest first
@@ -67,13 +78,14 @@ async def run(ctx: CommandContext, args: str) -> str:
         if lines[-1] == ">":
             lines.pop()
         lines += ["", "Your next message continues this conversation."]
+    lines += ["", f"It is also in the history sidebar: [open it]({ctx.root_path}/thread/{conv.id})."]
     return "\n".join(lines)
 
 
 COMMAND = Command(
     name="select",
     usage="/select <id>",
-    description="Switch to one of your conversations and show its recent messages.",
+    description="Open one of your conversations in this chat (like the history sidebar) and continue it.",
     icon="folder-open",
     run=run,
 )

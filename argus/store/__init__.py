@@ -2,14 +2,22 @@
 
 Use ``open_store(settings)`` once at start-up; everything else talks to the
 returned :class:`Store` (see ``argus.store.base`` for the contract).
+
+Backend choice (environment, read here rather than in ``Settings``):
+
+* ``MONGO_URI`` set: MongoDB (``argus.store.mongo.MongoStore``, pymongo). The database
+  is ``MONGO_DB`` if set, else the URI's path (``mongodb://host:27017/NAME``), else "argus".
+* unset: SQLite under ``settings.data_dir``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Optional
 
 from .base import (
     Attachment,
     Conversation,
+    Feedback,
     Message,
     NotFound,
     Page,
@@ -27,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Attachment",
     "Conversation",
+    "Feedback",
     "Message",
     "NotFound",
     "Page",
@@ -36,21 +45,38 @@ __all__ = [
     "StoreUnavailable",
     "User",
     "UserExists",
+    "mongo_settings",
     "open_store",
 ]
 
 
-def open_store(settings: "Settings") -> Store:
-    """Open the configured store.
+def mongo_settings(environ: Optional[dict] = None) -> Optional[tuple[str, Optional[str]]]:
+    """``(MONGO_URI, MONGO_DB or None)`` when ``MONGO_URI`` is set (non-blank), else None."""
+    env = os.environ if environ is None else environ
+    uri = env.get("MONGO_URI", "").strip()
+    if not uri:
+        return None
+    return uri, env.get("MONGO_DB", "").strip() or None
 
-    Today this is always SQLite at ``<settings.data_dir>/argus.db``.
+
+def open_store(settings: "Settings") -> Store:
+    """Open the configured store: MongoDB when ``MONGO_URI`` is set, else SQLite at
+    ``<settings.data_dir>/argus.db``.
 
     Raises:
-        StoreUnavailable: the database cannot be opened or migrated.
+        ConfigError: ``MONGO_URI`` is not a usable MongoDB URI (the message never
+            contains the URI's password).
+        StoreUnavailable: the database cannot be reached, opened or migrated.
     """
-    # The single place to choose a backend: when MONGO_URI support lands, add
-    #     if settings.mongo_uri:
-    #         from .mongo import MongoStore
-    #         return MongoStore(settings.mongo_uri, settings.data_dir)
-    # here, and nowhere else.
+    mongo = mongo_settings()
+    if mongo is not None:
+        from argus.config import ConfigError
+
+        from .mongo import MongoStore
+
+        uri, db_name = mongo
+        try:
+            return MongoStore.from_uri(uri, db_name)
+        except ValueError as exc:
+            raise ConfigError(f"MONGO_URI is {exc}") from None
     return SQLiteStore(settings.data_dir)

@@ -60,12 +60,16 @@ class Attachment:
 
 @dataclass(frozen=True)
 class Conversation:
+    """A conversation; its id is also the Chainlit thread id."""
+
     id: str
     owner_id: str
     title: str
     model: str
     created_at: float
     updated_at: float
+    # JSON-safe, never secret: what Chainlit keeps per thread (chat settings, chat profile).
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ class Message:
     model: str
     created_at: float
     attachment_ids: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A user's rating of one assistant message (Chainlit's thumbs up/down + comment).
+
+    At most one per (message, owner): setting it again replaces it.
+    """
+
+    id: str
+    message_id: str
+    conversation_id: str
+    owner_id: str
+    value: int  # 1 = thumbs up, 0 = thumbs down
+    comment: Optional[str]
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -119,18 +139,51 @@ class Store(ABC):
 
     # conversations
     @abstractmethod
-    def create_conversation(self, owner_id: str, title: str, model: str) -> Conversation: ...
+    def create_conversation(
+        self,
+        owner_id: str,
+        title: str,
+        model: str,
+        *,
+        conversation_id: Optional[str] = None,
+        metadata: Optional[dict] = None,
+    ) -> Conversation:
+        """Create a conversation (id generated unless ``conversation_id`` — a Chainlit
+        thread id — is given). Idempotent for an existing id of the same owner
+        (returns it unchanged: title, model and metadata are not touched); NotFound
+        if that id belongs to another user or ``owner_id`` is not a user.
+        ValueError for an empty ``conversation_id`` or metadata that is not a
+        JSON-safe dict (string keys; str/int/float/bool/None, lists, dicts)."""
 
     @abstractmethod
     def get_conversation(self, conversation_id: str, owner_id: str) -> Conversation:
         """Raises NotFound if missing or not owned by ``owner_id``."""
 
     @abstractmethod
-    def list_conversations(self, owner_id: str, limit: int = 20, cursor: Optional[str] = None) -> Page[Conversation]:
-        """Newest ``updated_at`` first."""
+    def list_conversations(
+        self, owner_id: str, limit: int = 20, cursor: Optional[str] = None, search: Optional[str] = None
+    ) -> Page[Conversation]:
+        """Newest ``updated_at`` first. ``search``: only conversations whose title or any
+        of their messages contains the text as a substring, case-insensitively; every
+        character is literal (no wildcards or query syntax); None or "" = no filter.
+        ``next_cursor`` pages on with the same ``search``. ValueError for a bad
+        cursor or ``limit`` < 1 (larger limits are clamped)."""
 
     @abstractmethod
     def rename_conversation(self, conversation_id: str, owner_id: str, title: str) -> Conversation: ...
+
+    @abstractmethod
+    def update_conversation_metadata(self, conversation_id: str, owner_id: str, metadata: dict) -> Conversation:
+        """Replace the conversation's metadata as a whole (JSON-safe dict; callers strip
+        secrets); ``updated_at`` is left alone. NotFound if missing or foreign, ValueError
+        if not JSON-safe."""
+
+    @abstractmethod
+    def delete_conversation(self, conversation_id: str, owner_id: str) -> None:
+        """Delete the conversation with its messages, feedback and the attachments its
+        messages reference (files included, as in :meth:`delete_attachment`) — except
+        attachments a message of another of the owner's conversations references too.
+        NotFound if missing or foreign."""
 
     # messages
     @abstractmethod
@@ -144,8 +197,35 @@ class Store(ABC):
         status: str = "complete",
         model: str = "",
         attachment_ids: Sequence[str] = (),
+        message_id: Optional[str] = None,
     ) -> Message:
-        """Append a message and bump the conversation's ``updated_at``."""
+        """Append a message and bump the conversation's ``updated_at``.
+
+        ``message_id`` (a Chainlit step id) makes the call idempotent: if a message
+        with that id exists in this conversation, it is updated instead (the chat
+        handler and the Chainlit data layer may both write the same step): content
+        and status are replaced; model and attachment_ids only when the new ones are
+        non-empty; role and created_at are kept; the conversation's ``updated_at`` is
+        bumped as for a new message. NotFound if the id exists in another
+        conversation or belongs to another user, if the conversation or an
+        attachment is missing or foreign. ValueError for an unknown role or status
+        or an empty ``message_id``.
+        """
+
+    @abstractmethod
+    def get_message(self, message_id: str, owner_id: str) -> Message:
+        """Raises NotFound if missing or not owned by ``owner_id``."""
+
+    @abstractmethod
+    def delete_message(self, message_id: str, owner_id: str) -> None:
+        """Delete the message and its feedback; its attachments and the conversation's
+        ``updated_at`` are left alone. NotFound if missing or foreign."""
+
+    @abstractmethod
+    def search_messages(self, owner_id: str, text: str, limit: int = 20) -> list[Message]:
+        """The owner's messages whose content contains ``text`` (substring,
+        case-insensitive, every character literal), newest ``created_at`` first, at
+        most ``limit`` (ValueError below 1; clamped above). "" finds nothing."""
 
     @abstractmethod
     def update_message(self, message_id: str, owner_id: str, *, content: str, status: str) -> Message: ...
@@ -157,6 +237,22 @@ class Store(ABC):
         """Newest first: the first page holds the most recent ``limit`` messages;
         ``next_cursor`` pages towards older ones."""
 
+    # feedback
+    @abstractmethod
+    def set_feedback(self, message_id: str, owner_id: str, value: int, comment: Optional[str] = None) -> Feedback:
+        """Rate one of the owner's messages (value 0 or 1); replaces an earlier rating
+        of the same (message, owner) — value, comment and created_at — keeping its id.
+        NotFound if the message is missing or foreign; ValueError for another value."""
+
+    @abstractmethod
+    def delete_feedback(self, feedback_id: str, owner_id: str) -> None:
+        """NotFound if missing or foreign."""
+
+    @abstractmethod
+    def list_feedback(self, conversation_id: str, owner_id: str) -> list[Feedback]:
+        """The owner's feedback on the conversation's messages, oldest first.
+        NotFound if the conversation is missing or foreign."""
+
     # attachments
     @abstractmethod
     def save_attachment(self, owner_id: str, name: str, mime: str, data: bytes) -> Attachment: ...
@@ -164,6 +260,12 @@ class Store(ABC):
     @abstractmethod
     def get_attachment(self, attachment_id: str, owner_id: str) -> tuple[Attachment, bytes]:
         """Raises NotFound if missing or not owned by ``owner_id``."""
+
+    @abstractmethod
+    def delete_attachment(self, attachment_id: str, owner_id: str) -> None:
+        """Remove the record, and its bytes once no other attachment of the owner shares
+        them (same sha256). Messages listing its id keep it (``get_attachment`` then
+        raises NotFound). NotFound if missing or foreign."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -1,0 +1,643 @@
+"""The store contract: backend-independent tests every :class:`argus.store.base.Store` must pass.
+
+Use it from a test module::
+
+    import pytest
+    pytest.register_assert_rewrite("store_contract")  # before the import: readable assert messages
+    from store_contract import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store(self):            # a fresh, empty store; closed afterwards
+            ...
+
+        @pytest.fixture
+        def make_store(self, store):  # () -> another instance over the SAME data as ``store``
+            ...                       # (as a second worker process would open it); closed afterwards
+
+No SQL and no backend internals here: only the public Store API. Times only
+ever compare as "later than", with short sleeps where an order must be certain.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from argus.store.base import NotFound, Store, UserExists
+
+HASH = "$2b$04$" + "x" * 53  # stand-in: the store never inspects hashes
+TICK = 0.01  # seconds slept where a later timestamp must be strictly later
+
+
+def race(n: int, fn):
+    """Run fn(i) in n threads released at the same instant; return results/exceptions."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertions
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def all_conversations(store: Store, owner_id: str, *, limit: int = 20, search=None) -> list:
+    """Every conversation by following next_cursor; checks the page size along the way."""
+    seen, cursor = [], None
+    for _ in range(1000):
+        page = store.list_conversations(owner_id, limit=limit, cursor=cursor, search=search)
+        assert len(page.items) <= limit
+        seen += page.items
+        if page.next_cursor is None:
+            return seen
+        cursor = page.next_cursor
+    raise AssertionError("paging does not end")
+
+
+def titles(store: Store, owner_id: str, search: str) -> set[str]:
+    return {c.title for c in all_conversations(store, owner_id, search=search)}
+
+
+def contents(store: Store, owner_id: str, text: str) -> set[str]:
+    return {m.content for m in store.search_messages(owner_id, text, limit=200)}
+
+
+class StoreContract:
+    """Tests every Store implementation must pass. Subclasses define ``store`` and ``make_store``."""
+
+    @pytest.fixture
+    def alice(self, store: Store):
+        return store.create_user("alice@example.com", "Alice", HASH)
+
+    @pytest.fixture
+    def bob(self, store: Store, alice):
+        return store.create_user("bob@example.com", "Bob", HASH)
+
+    # ---- users ----
+    def test_create_and_get_user(self, store: Store):
+        u = store.create_user("  Alice@Example.COM ", "Alice", HASH)
+        assert u.email == "alice@example.com"
+        assert u.name == "Alice" and u.password_hash == HASH
+        assert store.get_user(u.id) == u
+        assert store.get_user_by_email("ALICE@example.com") == u
+        assert store.get_user_by_email("nobody@example.com") is None
+        assert store.get_user("nope") is None
+        assert store.count_users() == 1
+
+    def test_duplicate_email_is_case_insensitive(self, store: Store, alice):
+        with pytest.raises(UserExists):
+            store.create_user("ALICE@example.com ", "Other", HASH)
+        assert store.count_users() == 1
+
+    def test_first_user_is_admin_then_users(self, store: Store):
+        assert store.create_user("a@example.com", "A", HASH).role == "admin"
+        assert store.create_user("b@example.com", "B", HASH).role == "user"
+        assert store.create_user("c@example.com", "C", HASH, role="admin").role == "admin"
+        assert {u.email for u in store.list_users()} == {"a@example.com", "b@example.com", "c@example.com"}
+
+    def test_racing_first_signups_make_exactly_one_admin(self, store: Store):
+        results = race(8, lambda i: store.create_user(f"user{i}@example.com", f"U{i}", HASH))
+        assert all(not isinstance(r, Exception) for r in results), results
+        assert [r.role for r in results].count("admin") == 1
+        assert store.count_users() == 8
+
+    def test_racing_same_email_creates_one_user(self, store: Store):
+        results = race(8, lambda i: store.create_user(("SAME@example.com" if i % 2 else "same@EXAMPLE.com"), "S", HASH))
+        created = [r for r in results if not isinstance(r, Exception)]
+        assert len(created) == 1 and created[0].role == "admin"
+        assert all(isinstance(r, UserExists) for r in results if r is not created[0]), results
+        assert store.count_users() == 1
+
+    def test_racing_same_email_across_instances_creates_one_user(self, store: Store, make_store):
+        """Two workers on one database: uniqueness comes from the database, not a process lock."""
+        other = make_store()
+        results = race(8, lambda i: (store if i % 2 else other).create_user("same@example.com", "S", HASH))
+        created = [r for r in results if not isinstance(r, Exception)]
+        assert len(created) == 1, results
+        assert all(isinstance(r, UserExists) for r in results if r is not created[0]), results
+        assert store.count_users() == other.count_users() == 1
+
+    # ---- conversations ----
+    def test_conversations_newest_first_and_paging_is_complete(self, store: Store, alice, bob):
+        made = [store.create_conversation(alice.id, f"c{i}", "m") for i in range(45)]
+        store.create_conversation(bob.id, "bob's", "m")
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = store.list_conversations(alice.id, limit=20, cursor=cursor)
+            pages += 1
+            seen += page.items
+            if pages == 1:  # inserts while paging must not shift later pages
+                for i in range(3):
+                    store.create_conversation(alice.id, f"new{i}", "m")
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert pages == 3
+        assert len(seen) == 45 and {c.id for c in seen} == {c.id for c in made}
+        keys = [(c.updated_at, c.id) for c in seen]
+        assert keys == sorted(keys, reverse=True)
+        assert store.list_conversations(alice.id, limit=20).items[0].title == "new2"
+
+    def test_add_message_bumps_conversation_to_top(self, store: Store, alice):
+        old = store.create_conversation(alice.id, "old", "m")
+        store.create_conversation(alice.id, "new", "m")
+        time.sleep(TICK)
+        store.add_message(old.id, alice.id, "user", "hi")
+        top = store.list_conversations(alice.id).items[0]
+        assert top.id == old.id and top.updated_at > old.updated_at
+
+    def test_get_and_rename_conversation(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "Title", "smol")
+        assert store.get_conversation(c.id, alice.id) == c
+        renamed = store.rename_conversation(c.id, alice.id, "مرحبا")
+        assert renamed.title == "مرحبا" and store.get_conversation(c.id, alice.id).title == "مرحبا"
+
+    def test_bad_cursor_and_limit(self, store: Store, alice):
+        with pytest.raises(ValueError):
+            store.list_conversations(alice.id, cursor="not a cursor!")
+        with pytest.raises(ValueError):
+            store.list_conversations(alice.id, limit=0)
+
+    def test_create_conversation_with_given_id_is_idempotent(self, store: Store, alice, bob):
+        c = store.create_conversation(alice.id, "Thread", "smol", conversation_id="thread-1", metadata={"k": 1})
+        assert (c.id, c.title, c.model, c.metadata) == ("thread-1", "Thread", "smol", {"k": 1})
+        again = store.create_conversation(alice.id, "Other title", "other", conversation_id="thread-1", metadata={"k": 2})
+        assert again == c and again.metadata == {"k": 1}  # returned unchanged
+        assert [x.id for x in store.list_conversations(alice.id).items] == ["thread-1"]
+        with pytest.raises(NotFound):  # someone else's thread id: indistinguishable from "no such user"
+            store.create_conversation(bob.id, "mine now", "m", conversation_id="thread-1")
+        assert store.list_conversations(bob.id).items == []
+        got = store.get_conversation("thread-1", alice.id)
+        assert (got.title, got.metadata) == ("Thread", {"k": 1})
+        with pytest.raises(NotFound):
+            store.get_conversation("thread-1", bob.id)
+
+    def test_create_conversation_with_given_id_across_instances(self, store: Store, make_store, alice):
+        other = make_store()
+        c = other.create_conversation(alice.id, "from worker 2", "m", conversation_id="thread-x")
+        assert store.create_conversation(alice.id, "from worker 1", "m", conversation_id="thread-x") == c
+        assert store.get_conversation("thread-x", alice.id).title == "from worker 2"
+
+    def test_metadata_round_trip(self, store: Store, alice):
+        meta = {
+            "chat_settings": {"temperature": 0.7, "max_tokens": 512, "stream": True, "stop": None},
+            "chat_profile": "Jarvis ✨",
+            "tags": ["سلام", "東京", ""],
+            "nested": {"list": [1, 2.5, {"deep": False}]},
+        }
+        c = store.create_conversation(alice.id, "t", "m", metadata=meta)
+        assert c.metadata == meta
+        assert store.get_conversation(c.id, alice.id).metadata == meta
+        assert store.list_conversations(alice.id).items[0].metadata == meta
+        plain = store.create_conversation(alice.id, "no metadata", "m")
+        assert plain.metadata == {} and store.get_conversation(plain.id, alice.id).metadata == {}
+        updated = store.update_conversation_metadata(c.id, alice.id, {"chat_profile": "other"})
+        assert updated.metadata == {"chat_profile": "other"}  # replaced, not merged
+        got = store.get_conversation(c.id, alice.id)
+        assert got.metadata == {"chat_profile": "other"} and got.title == "t"
+        assert store.update_conversation_metadata(c.id, alice.id, {}).metadata == {}
+
+    # ---- ownership ----
+    def test_other_users_records_are_not_found(self, store: Store, alice, bob):
+        c = store.create_conversation(alice.id, "private", "m", metadata={"m": 1})
+        m = store.add_message(c.id, alice.id, "user", "secret words")
+        f = store.set_feedback(m.id, alice.id, 1, "mine")
+        a = store.save_attachment(alice.id, "x.png", "image/png", b"png bytes")
+        bobs = store.create_conversation(bob.id, "bob's", "m")
+        for call in (
+            lambda: store.get_conversation(c.id, bob.id),
+            lambda: store.rename_conversation(c.id, bob.id, "mine now"),
+            lambda: store.update_conversation_metadata(c.id, bob.id, {"m": 2}),
+            lambda: store.delete_conversation(c.id, bob.id),
+            lambda: store.add_message(c.id, bob.id, "user", "hi"),
+            lambda: store.add_message(bobs.id, bob.id, "user", "hi", message_id=m.id),
+            lambda: store.get_message(m.id, bob.id),
+            lambda: store.delete_message(m.id, bob.id),
+            lambda: store.list_messages(c.id, bob.id),
+            lambda: store.update_message(m.id, bob.id, content="x", status="complete"),
+            lambda: store.set_feedback(m.id, bob.id, 0, "spam"),
+            lambda: store.delete_feedback(f.id, bob.id),
+            lambda: store.list_feedback(c.id, bob.id),
+            lambda: store.get_attachment(a.id, bob.id),
+            lambda: store.delete_attachment(a.id, bob.id),
+        ):
+            with pytest.raises(NotFound):
+                call()
+        got = store.get_conversation(c.id, alice.id)
+        assert (got.title, got.metadata) == ("private", {"m": 1})
+        assert store.get_message(m.id, alice.id) == m
+        assert store.list_messages(c.id, alice.id).items == [m]
+        assert store.list_feedback(c.id, alice.id) == [f]
+        assert store.get_attachment(a.id, alice.id)[1] == b"png bytes"
+        assert [x.id for x in store.list_conversations(bob.id).items] == [bobs.id]
+        assert store.list_conversations(bob.id, search="private").items == []
+        assert store.list_conversations(bob.id, search="secret").items == []
+        assert store.search_messages(bob.id, "secret") == []
+        assert store.list_messages(bobs.id, bob.id).items == []
+
+    def test_missing_records_are_not_found(self, store: Store, alice):
+        for call in (
+            lambda: store.get_conversation("nope", alice.id),
+            lambda: store.update_conversation_metadata("nope", alice.id, {}),
+            lambda: store.delete_conversation("nope", alice.id),
+            lambda: store.add_message("nope", alice.id, "user", "hi", message_id="m-1"),
+            lambda: store.get_message("nope", alice.id),
+            lambda: store.delete_message("nope", alice.id),
+            lambda: store.set_feedback("nope", alice.id, 1),
+            lambda: store.delete_feedback("nope", alice.id),
+            lambda: store.list_feedback("nope", alice.id),
+            lambda: store.get_attachment("nope", alice.id),
+            lambda: store.delete_attachment("nope", alice.id),
+            lambda: store.create_conversation("no-such-user", "t", "m"),
+            lambda: store.create_conversation("no-such-user", "t", "m", conversation_id="thread-9"),
+        ):
+            with pytest.raises(NotFound):
+                call()
+
+    def test_message_cannot_reference_foreign_attachment(self, store: Store, alice, bob):
+        c = store.create_conversation(bob.id, "t", "m")
+        a = store.save_attachment(alice.id, "x.png", "image/png", b"alice's")
+        with pytest.raises(NotFound):
+            store.add_message(c.id, bob.id, "user", "look", attachment_ids=[a.id])
+
+    # ---- messages ----
+    def test_messages_paging_newest_first(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "t", "m")
+        made = [store.add_message(c.id, alice.id, "user" if i % 2 else "assistant", f"m{i}") for i in range(7)]
+        seen, cursor = [], None
+        while True:
+            page = store.list_messages(c.id, alice.id, limit=3, cursor=cursor)
+            assert len(page.items) <= 3
+            seen += page.items
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert [m.content for m in seen] == [f"m{i}" for i in reversed(range(7))]
+        assert [m.id for m in seen] == [m.id for m in reversed(made)]
+
+    def test_update_message(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "t", "m")
+        m = store.add_message(c.id, alice.id, "assistant", "", status="complete", model="smol")
+        updated = store.update_message(m.id, alice.id, content="partial answer", status="stopped")
+        assert (updated.content, updated.status, updated.model, updated.id) == ("partial answer", "stopped", "smol", m.id)
+        assert store.list_messages(c.id, alice.id).items[0] == updated
+        assert store.get_message(m.id, alice.id) == updated
+        with pytest.raises(ValueError):
+            store.update_message(m.id, alice.id, content="x", status="bogus")
+        with pytest.raises(NotFound):
+            store.update_message("nope", alice.id, content="x", status="complete")
+
+    def test_invalid_message_role(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "t", "m")
+        with pytest.raises(ValueError):
+            store.add_message(c.id, alice.id, "robot", "hi")
+
+    def test_add_message_with_id_upserts(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "t", "m")
+        a = store.save_attachment(alice.id, "x.png", "image/png", b"img")
+        first = store.add_message(c.id, alice.id, "assistant", "", status="complete", model="smol", message_id="step-1")
+        assert first.id == "step-1" and store.get_message("step-1", alice.id) == first
+        other = store.create_conversation(alice.id, "other", "m")  # now on top
+        time.sleep(TICK)
+        before = store.get_conversation(c.id, alice.id).updated_at
+        second = store.add_message(
+            c.id, alice.id, "assistant", "the full answer", status="stopped", attachment_ids=[a.id], message_id="step-1"
+        )
+        assert (second.id, second.content, second.status) == ("step-1", "the full answer", "stopped")
+        assert (second.role, second.created_at, second.conversation_id) == ("assistant", first.created_at, c.id)
+        assert second.model == "smol"  # an empty model keeps the stored one
+        assert second.attachment_ids == (a.id,)
+        assert store.get_message("step-1", alice.id) == second
+        assert store.list_messages(c.id, alice.id).items == [second]  # no second row
+        convs = store.list_conversations(alice.id).items
+        assert [x.id for x in convs] == [c.id, other.id] and convs[0].updated_at > before
+        third = store.add_message(c.id, alice.id, "assistant", "edited", message_id="step-1")
+        assert third.attachment_ids == (a.id,)  # no attachment_ids given: kept
+        assert [m.content for m in store.list_messages(c.id, alice.id).items] == ["edited"]
+        later = store.add_message(c.id, alice.id, "user", "next question", message_id="step-2")
+        assert [m.id for m in store.list_messages(c.id, alice.id).items] == ["step-2", "step-1"]
+        assert later.created_at > first.created_at
+
+    def test_add_message_with_id_from_elsewhere_is_not_found(self, store: Store, alice, bob):
+        c1 = store.create_conversation(alice.id, "one", "m")
+        c2 = store.create_conversation(alice.id, "two", "m")
+        bobs = store.create_conversation(bob.id, "bob's", "m")
+        m = store.add_message(c1.id, alice.id, "user", "original", message_id="step-x")
+        with pytest.raises(NotFound):  # the same owner, another conversation
+            store.add_message(c2.id, alice.id, "user", "moved?", message_id="step-x")
+        with pytest.raises(NotFound):  # another owner
+            store.add_message(bobs.id, bob.id, "user", "hijack", message_id="step-x")
+        assert store.get_message("step-x", alice.id) == m
+        assert store.list_messages(c2.id, alice.id).items == []
+        assert store.list_messages(bobs.id, bob.id).items == []
+        with pytest.raises(NotFound):
+            store.get_message("step-x", bob.id)
+
+    def test_get_and_delete_message(self, store: Store, alice, bob):
+        c = store.create_conversation(alice.id, "t", "m")
+        m1 = store.add_message(c.id, alice.id, "user", "question")
+        m2 = store.add_message(c.id, alice.id, "assistant", "answer")
+        store.set_feedback(m2.id, alice.id, 1)
+        assert store.get_message(m1.id, alice.id) == m1
+        with pytest.raises(NotFound):
+            store.get_message(m1.id, bob.id)
+        with pytest.raises(NotFound):
+            store.delete_message(m2.id, bob.id)
+        assert store.get_message(m2.id, alice.id) == m2
+        store.delete_message(m2.id, alice.id)
+        with pytest.raises(NotFound):
+            store.get_message(m2.id, alice.id)
+        with pytest.raises(NotFound):
+            store.delete_message(m2.id, alice.id)
+        assert store.list_messages(c.id, alice.id).items == [m1]
+        assert store.list_feedback(c.id, alice.id) == []  # its feedback went with it
+        assert store.search_messages(alice.id, "answer") == []
+
+    # ---- delete conversation ----
+    def test_delete_conversation_cascades(self, store: Store, alice, bob):
+        gone = store.create_conversation(alice.id, "to delete", "m")
+        kept = store.create_conversation(alice.id, "to keep", "m")
+        a1 = store.save_attachment(alice.id, "1.png", "image/png", b"one")
+        a2 = store.save_attachment(alice.id, "2.png", "image/png", b"two")
+        a3 = store.save_attachment(alice.id, "3.png", "image/png", b"three")
+        a4 = store.save_attachment(alice.id, "4.png", "image/png", b"one")  # same bytes as a1
+        m1 = store.add_message(gone.id, alice.id, "user", "doomed words", attachment_ids=[a1.id, a2.id])
+        m2 = store.add_message(gone.id, alice.id, "assistant", "doomed reply")
+        store.set_feedback(m2.id, alice.id, 0, "bad")
+        k1 = store.add_message(kept.id, alice.id, "user", "kept words", attachment_ids=[a3.id, a4.id])
+        kf = store.set_feedback(k1.id, alice.id, 1)
+        with pytest.raises(NotFound):
+            store.delete_conversation(gone.id, bob.id)
+        assert store.get_conversation(gone.id, alice.id).title == "to delete"
+
+        assert store.delete_conversation(gone.id, alice.id) is None
+        for call in (
+            lambda: store.get_conversation(gone.id, alice.id),
+            lambda: store.list_messages(gone.id, alice.id),
+            lambda: store.list_feedback(gone.id, alice.id),
+            lambda: store.get_message(m1.id, alice.id),
+            lambda: store.get_message(m2.id, alice.id),
+            lambda: store.get_attachment(a1.id, alice.id),
+            lambda: store.get_attachment(a2.id, alice.id),
+            lambda: store.delete_conversation(gone.id, alice.id),
+        ):
+            with pytest.raises(NotFound):
+                call()
+        assert [c.id for c in store.list_conversations(alice.id).items] == [kept.id]
+        assert store.search_messages(alice.id, "doomed") == []
+        assert store.list_conversations(alice.id, search="doomed").items == []
+        assert store.list_conversations(alice.id, search="to delete").items == []
+        # the other conversation is untouched, bytes shared with a deleted attachment included
+        assert store.get_attachment(a3.id, alice.id)[1] == b"three"
+        assert store.get_attachment(a4.id, alice.id)[1] == b"one"
+        assert store.list_messages(kept.id, alice.id).items == [k1]
+        assert store.list_feedback(kept.id, alice.id) == [kf]
+        # the conversation's id is free again: a new create does not resurrect anything
+        again = store.create_conversation(alice.id, "reborn", "m", conversation_id=gone.id)
+        assert store.list_messages(again.id, alice.id).items == []
+
+    def test_delete_conversation_keeps_attachments_used_elsewhere(self, store: Store, alice):
+        """An attachment that a message of another conversation references too is kept."""
+        c1 = store.create_conversation(alice.id, "one", "m")
+        c2 = store.create_conversation(alice.id, "two", "m")
+        a = store.save_attachment(alice.id, "a.png", "image/png", b"bytes")
+        store.add_message(c1.id, alice.id, "user", "x", attachment_ids=[a.id])
+        store.add_message(c2.id, alice.id, "user", "y", attachment_ids=[a.id])
+        store.delete_conversation(c1.id, alice.id)
+        assert store.get_attachment(a.id, alice.id)[1] == b"bytes"
+        store.delete_conversation(c2.id, alice.id)
+        with pytest.raises(NotFound):
+            store.get_attachment(a.id, alice.id)
+
+    # ---- attachments ----
+    def test_attachment_round_trip(self, store: Store, alice):
+        data = bytes(range(256)) * 100
+        a = store.save_attachment(alice.id, "photo.jpg", "image/jpeg", data)
+        assert (a.name, a.mime, a.size, a.sha256) == ("photo.jpg", "image/jpeg", len(data), hashlib.sha256(data).hexdigest())
+        got, got_bytes = store.get_attachment(a.id, alice.id)
+        assert got == a and got_bytes == data
+        c = store.create_conversation(alice.id, "t", "m")
+        m = store.add_message(c.id, alice.id, "user", "see", attachment_ids=[a.id])
+        assert m.attachment_ids == (a.id,)
+        assert store.list_messages(c.id, alice.id).items[0].attachment_ids == (a.id,)
+        again = store.save_attachment(alice.id, "copy.jpg", "image/jpeg", data)
+        assert again.id != a.id and store.get_attachment(again.id, alice.id)[1] == data
+
+    def test_delete_attachment_keeps_shared_bytes(self, store: Store, alice, bob):
+        a = store.save_attachment(alice.id, "a.png", "image/png", b"same bytes")
+        b = store.save_attachment(alice.id, "b.png", "image/png", b"same bytes")
+        theirs = store.save_attachment(bob.id, "c.png", "image/png", b"same bytes")
+        store.delete_attachment(a.id, alice.id)
+        with pytest.raises(NotFound):
+            store.get_attachment(a.id, alice.id)
+        with pytest.raises(NotFound):
+            store.delete_attachment(a.id, alice.id)
+        assert store.get_attachment(b.id, alice.id)[1] == b"same bytes"
+        store.delete_attachment(b.id, alice.id)
+        with pytest.raises(NotFound):
+            store.get_attachment(b.id, alice.id)
+        assert store.get_attachment(theirs.id, bob.id)[1] == b"same bytes"  # per owner
+        again = store.save_attachment(alice.id, "d.png", "image/png", b"same bytes")  # bytes come back
+        assert store.get_attachment(again.id, alice.id)[1] == b"same bytes"
+
+    # ---- feedback ----
+    def test_feedback_set_replace_delete_list(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "t", "m")
+        other = store.create_conversation(alice.id, "other", "m")
+        m1 = store.add_message(c.id, alice.id, "assistant", "answer one")
+        m2 = store.add_message(c.id, alice.id, "assistant", "answer two")
+        mo = store.add_message(other.id, alice.id, "assistant", "elsewhere")
+        assert store.list_feedback(c.id, alice.id) == []
+        f1 = store.set_feedback(m1.id, alice.id, 1, "great")
+        assert (f1.message_id, f1.conversation_id, f1.owner_id, f1.value, f1.comment) == (m1.id, c.id, alice.id, 1, "great")
+        f2 = store.set_feedback(m2.id, alice.id, 0)
+        assert (f2.value, f2.comment) == (0, None)
+        fo = store.set_feedback(mo.id, alice.id, 1)
+        assert {f.id: f for f in store.list_feedback(c.id, alice.id)} == {f1.id: f1, f2.id: f2}
+        assert store.list_feedback(other.id, alice.id) == [fo]
+
+        replaced = store.set_feedback(m1.id, alice.id, 0, "changed my mind")
+        assert replaced.id == f1.id and (replaced.value, replaced.comment) == (0, "changed my mind")
+        listed = {f.id: f for f in store.list_feedback(c.id, alice.id)}
+        assert len(listed) == 2 and listed[f1.id] == replaced
+
+        store.delete_feedback(f2.id, alice.id)
+        assert store.list_feedback(c.id, alice.id) == [replaced]
+        with pytest.raises(NotFound):
+            store.delete_feedback(f2.id, alice.id)
+        for bad in (2, -1, 5):
+            with pytest.raises(ValueError):
+                store.set_feedback(m2.id, alice.id, bad)
+        assert store.list_feedback(c.id, alice.id) == [replaced]
+
+    def test_feedback_ownership(self, store: Store, alice, bob):
+        c = store.create_conversation(alice.id, "t", "m")
+        m = store.add_message(c.id, alice.id, "assistant", "answer")
+        f = store.set_feedback(m.id, alice.id, 1, "mine")
+        with pytest.raises(NotFound):
+            store.set_feedback(m.id, bob.id, 0, "bob was here")
+        with pytest.raises(NotFound):
+            store.delete_feedback(f.id, bob.id)
+        with pytest.raises(NotFound):
+            store.list_feedback(c.id, bob.id)
+        assert store.list_feedback(c.id, alice.id) == [f]
+
+    # ---- search ----
+    def test_search_titles_and_messages(self, store: Store, alice, bob):
+        trip = store.create_conversation(alice.id, "Trip to Paris", "m")
+        groceries = store.create_conversation(alice.id, "Groceries", "m")
+        store.add_message(groceries.id, alice.id, "user", "buy MILK and eggs")
+        store.add_message(groceries.id, alice.id, "assistant", "Milk: 2 litres")
+        store.create_conversation(alice.id, "Other", "m")
+        bobs = store.create_conversation(bob.id, "paris notes", "m")
+        store.add_message(bobs.id, bob.id, "user", "milk for bob")
+
+        assert [c.id for c in store.list_conversations(alice.id, search="Paris").items] == [trip.id]
+        assert titles(store, alice.id, "PARIS") == {"Trip to Paris"}  # case-insensitive
+        assert titles(store, alice.id, "paris") == {"Trip to Paris"}
+        assert titles(store, alice.id, "milk") == {"Groceries"}  # found in a message, listed once
+        assert titles(store, alice.id, "o") == {"Trip to Paris", "Groceries", "Other"}  # short: still a substring
+        assert titles(store, alice.id, "no such text") == set()
+        assert titles(store, bob.id, "paris") == {"paris notes"}
+        assert titles(store, bob.id, "Trip") == set()
+        assert len(store.list_conversations(alice.id, search="").items) == 3  # "" = no filter
+        assert len(store.list_conversations(alice.id, search=None).items) == 3
+
+        assert contents(store, alice.id, "milk") == {"buy MILK and eggs", "Milk: 2 litres"}
+        assert contents(store, alice.id, "MiLk:") == {"Milk: 2 litres"}
+        assert contents(store, alice.id, "Paris") == set()  # titles are not messages
+        assert contents(store, bob.id, "milk") == {"milk for bob"}
+        assert store.search_messages(alice.id, "") == []
+
+    def test_search_persian_and_cjk_substrings(self, store: Store, alice):
+        greet = store.create_conversation(alice.id, "سلام دنیا", "m")
+        chat = store.create_conversation(alice.id, "گفتگو", "m")
+        store.add_message(chat.id, alice.id, "user", "متن: سلام دنیا و بیشتر")
+        store.add_message(chat.id, alice.id, "assistant", "東京タワーに行きました")
+        store.create_conversation(alice.id, "unrelated", "m")
+        assert titles(store, alice.id, "سلام") == {"سلام دنیا", "گفتگو"}
+        assert [c.id for c in store.list_conversations(alice.id, search="سلام").items] == [chat.id, greet.id]
+        assert titles(store, alice.id, "لام دن") == {"سلام دنیا", "گفتگو"}  # mid-word, across a space
+        assert titles(store, alice.id, "دنیا") == {"سلام دنیا", "گفتگو"}
+        assert titles(store, alice.id, "سل") == {"سلام دنیا", "گفتگو"}  # two characters
+        assert titles(store, alice.id, "گفت") == {"گفتگو"}
+        assert contents(store, alice.id, "سلام") == {"متن: سلام دنیا و بیشتر"}
+        assert contents(store, alice.id, "京タ") == {"東京タワーに行きました"}
+        assert contents(store, alice.id, "タワーに") == {"東京タワーに行きました"}
+        assert titles(store, alice.id, "東京") == {"گفتگو"}
+
+    def test_search_special_characters_are_literal(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "specials", "m")
+        texts = [
+            'He said "hi" (twice)',
+            "100% sure",
+            "a*b=c",
+            "snake_case",
+            "snakeXcase",
+            "back\\slash",
+            "it's",
+            "col:on AND NOT OR NEAR(x)",
+            "plain",
+        ]
+        for t in texts:
+            store.add_message(c.id, alice.id, "user", t)
+        store.create_conversation(alice.id, "50%_off", "m")
+        store.create_conversation(alice.id, "50xyoff", "m")
+
+        def found(q):
+            return contents(store, alice.id, q)
+
+        assert found('"') == {'He said "hi" (twice)'}
+        assert found('"hi"') == {'He said "hi" (twice)'}
+        assert found('"hi" (') == {'He said "hi" (twice)'}
+        assert found("(") == {'He said "hi" (twice)', "col:on AND NOT OR NEAR(x)"}
+        assert found("(twice") == {'He said "hi" (twice)'}
+        assert found("%") == {"100% sure"}
+        assert found("0% s") == {"100% sure"}
+        assert found("*") == {"a*b=c"}
+        assert found("a*b") == {"a*b=c"}
+        assert found("a*") == {"a*b=c"}
+        assert found("_") == {"snake_case"}
+        assert found("e_c") == {"snake_case"}
+        assert found("snake_case") == {"snake_case"}
+        assert found("\\") == {"back\\slash"}
+        assert found("k\\s") == {"back\\slash"}
+        assert found("'") == {"it's"}
+        assert found("it's") == {"it's"}
+        assert found("AND") == {"col:on AND NOT OR NEAR(x)"}
+        assert found("NEAR(x)") == {"col:on AND NOT OR NEAR(x)"}
+        assert found("col:on") == {"col:on AND NOT OR NEAR(x)"}
+        for widening in ('hi" OR "plain', "plain OR hi", "pla*", "*lain*", "NOT plain", "%plain", "p_ain", "^plain"):
+            assert found(widening) == set(), widening
+        assert found("plain") == {"plain"}
+        assert titles(store, alice.id, "%") == {"50%_off", "specials"}  # "specials" by its message
+        assert titles(store, alice.id, "_") == {"50%_off", "specials"}
+        assert titles(store, alice.id, "%_o") == {"50%_off"}
+        assert titles(store, alice.id, '"') == {"specials"}  # found in a message
+
+    def test_search_paging(self, store: Store, alice, bob):
+        hits = set()
+        for i in range(25):
+            if i % 2:
+                hits.add(store.create_conversation(alice.id, f"needle {i}", "m").id)
+            else:
+                c = store.create_conversation(alice.id, f"chat {i}", "m")
+                store.add_message(c.id, alice.id, "user", f"a NEEDLE in message {i}")
+                store.add_message(c.id, alice.id, "assistant", "and another needle")
+                hits.add(c.id)
+        for i in range(10):
+            c = store.create_conversation(alice.id, f"hay {i}", "m")
+            store.add_message(c.id, alice.id, "user", "just hay")
+        store.create_conversation(bob.id, "bob's needle", "m")
+        for q in ("needle", "ee"):  # the index and the short-query path
+            seen = all_conversations(store, alice.id, limit=10, search=q)
+            assert len(seen) == 25 and {c.id for c in seen} == hits, q
+            keys = [(c.updated_at, c.id) for c in seen]
+            assert keys == sorted(keys, reverse=True)
+        page = store.list_conversations(alice.id, limit=10, search="needle")
+        assert len(page.items) == 10 and page.next_cursor
+        # the cursor's own conversation bumped while paging moves up: not repeated on later pages
+        time.sleep(TICK)
+        store.add_message(page.items[-1].id, alice.id, "user", "needle again")
+        rest = all_conversations(store, alice.id, limit=10, search="needle")
+        assert len(rest) == 25
+        later = store.list_conversations(alice.id, limit=10, cursor=page.next_cursor, search="needle")
+        assert not {c.id for c in later.items} & {c.id for c in page.items}
+
+    def test_search_messages_newest_first_with_limit(self, store: Store, alice):
+        c1 = store.create_conversation(alice.id, "one", "m")
+        c2 = store.create_conversation(alice.id, "two", "m")
+        made = []
+        for i in range(6):
+            time.sleep(TICK / 5)
+            made.append(store.add_message((c1, c2)[i % 2].id, alice.id, "user", f"apple number {i}"))
+        store.add_message(c1.id, alice.id, "user", "pear")
+        got = store.search_messages(alice.id, "APPLE", limit=4)
+        assert [m.id for m in got] == [m.id for m in reversed(made)][:4]
+        assert got[0] == store.get_message(made[-1].id, alice.id)
+        with pytest.raises(ValueError):
+            store.search_messages(alice.id, "apple", limit=0)
+
+    def test_search_follows_edits(self, store: Store, alice):
+        c = store.create_conversation(alice.id, "original title", "m")
+        m = store.add_message(c.id, alice.id, "assistant", "first draft")
+        store.update_message(m.id, alice.id, content="final version", status="complete")
+        assert contents(store, alice.id, "draft") == set()
+        assert contents(store, alice.id, "final") == {"final version"}
+        store.add_message(c.id, alice.id, "assistant", "upserted text", message_id=m.id)
+        assert contents(store, alice.id, "final") == set()
+        assert contents(store, alice.id, "upserted") == {"upserted text"}
+        store.rename_conversation(c.id, alice.id, "renamed")
+        assert titles(store, alice.id, "original") == set()
+        assert titles(store, alice.id, "renamed") == {"renamed"}
