@@ -2,8 +2,12 @@
 
 Thin on purpose: every hook forwards to :class:`argus.core.JarvisArgus`.
 A configuration problem at start-up (bad ``ARGUS_*`` value, weak
-``JWT_SECRET_KEY``, unusable data directory) ends the process with one line
-on stderr and exit status 1, without a traceback.
+``JWT_SECRET_KEY``, malformed ``MONGO_URI``, unusable data directory) ends the
+process with one line on stderr and exit status 1, without a traceback.
+
+A MongoDB server that is down (or refuses us) is not a configuration problem:
+the server starts anyway with one WARNING line in the log; sign-in and sign-up
+answer 503 and the chat answers "storage unavailable" until the database is back.
 """
 import os
 
@@ -24,7 +28,9 @@ from argus.files_route import install_file_route  # noqa: E402
 from argus.limits import install_body_limits  # noqa: E402
 from argus.origins import restrict_origins  # noqa: E402
 from argus.signup import install_signup_routes  # noqa: E402
-from argus.store import StoreUnavailable  # noqa: E402
+from argus.store import StoreUnavailable, check_store  # noqa: E402
+
+log = logging.getLogger("argus.app")
 
 
 def _start() -> tuple[Settings, JarvisArgus]:
@@ -38,6 +44,8 @@ def _start() -> tuple[Settings, JarvisArgus]:
     restrict_origins()  # CORS and socket.io: CHAINLIT_URL's origin, or this host/port only
     install_body_limits(settings.max_upload_bytes)  # 413 before Chainlit reads an oversized body
     argus = JarvisArgus(settings)
+    if (problem := check_store(argus.store)) is not None:  # MongoDB down: serve anyway, say so once
+        log.warning("%s", problem)
     argus.start()  # loads the model in the background
     install_signup_routes(lambda: argus.auth)
     install_caller_middleware()  # the data layer learns who calls Chainlit's REST API
@@ -47,7 +55,7 @@ def _start() -> tuple[Settings, JarvisArgus]:
 
 try:
     settings, argus = _start()
-except (ConfigError, AuthSecretError, StoreUnavailable) as _exc:
+except (ConfigError, AuthSecretError, StoreUnavailable) as _exc:  # StoreUnavailable: SQLite only
     raise SystemExit(f"Jarvis Argus cannot start: {_exc}") from None
 
 

@@ -23,7 +23,7 @@ import bcrypt
 
 from argus.config import Settings
 from argus.ratelimit import SlidingWindowLimiter
-from argus.store import Store, User, UserExists
+from argus.store import Store, StoreUnavailable, User, UserExists
 
 log = logging.getLogger(__name__)
 
@@ -338,4 +338,8 @@ class Authenticator:
         ikey = client_ip or "unknown"
         if not self._signups.hit(ikey):
             raise SignupThrottled(self._signups.retry_after(ikey))
-        return self.create_user(email, name, password)
+        try:
+            return self.create_user(email, name, password)
+        except StoreUnavailable:
+            self._signups.undo(ikey)  # an outage must not lock the address out after it ends
+            raise

@@ -75,8 +75,8 @@ from argus.datalayer import (
     ArgusDataLayer,
 )
 from argus.ratelimit import SlidingWindowLimiter
-from argus.signup import current_client_ip
-from argus.store import NotFound, Store, StoreError, open_store
+from argus.signup import current_client_ip, report_store_unavailable
+from argus.store import NotFound, Store, StoreError, StoreUnavailable, open_store
 from argus.streaming import StreamHandle, StreamResult, stream_pieces
 from argus.uploads import UploadCheck, check_files
 from worker.engine import LocalModel, ModelLoadError, SamplingParams
@@ -299,15 +299,21 @@ class JarvisArgus:
         The client address comes from ``argus.signup.current_client_ip()``
         (set by its guarded ``POST /login``, which also answers 429 with the
         :class:`LoginThrottled` sentence *before* Chainlit is called, so the
-        login page shows it). Chainlit turns any exception or None from this
-        callback into 401, so errors are logged and None returned. The user's
-        store id and role travel in ``metadata`` (inside the session JWT).
+        login page shows it). Chainlit turns None from this callback into 401,
+        so errors are logged and None returned; a StoreUnavailable is also
+        reported to that guard (``report_store_unavailable``), which then
+        answers 503 "Storage is unavailable right now..." instead of 401. The
+        user's store id and role travel in ``metadata`` (inside the session JWT).
         """
         ip = current_client_ip()
         try:
             user = await asyncio.to_thread(self.auth.login, username, password, ip)
         except LoginThrottled:  # crossed the limit between the guard's check and here
             log.warning("sign-in throttled for client %s", ip)
+            return None
+        except StoreUnavailable as exc:
+            log.warning("sign-in failed: %s", exc)
+            report_store_unavailable()
             return None
         except StoreError:
             log.exception("sign-in failed: store error")
@@ -431,6 +437,8 @@ class JarvisArgus:
         try:
             if await asyncio.to_thread(self.store.get_user, uid) is None:
                 await self._say(ACCOUNT_GONE)
+        except StoreUnavailable as exc:
+            log.warning("chat start: %s", exc)
         except StoreError:
             log.exception("store error at chat start")
 
@@ -456,6 +464,9 @@ class JarvisArgus:
             conv = await asyncio.to_thread(self.store.get_conversation, thread_id, uid)
         except NotFound:  # not theirs after all (or deleted meanwhile): a new thread
             await self._fresh_thread(state)
+            return
+        except StoreUnavailable as exc:
+            log.warning("chat resume: %s", exc)
             return
         except StoreError:
             log.exception("store error at chat resume")
@@ -523,7 +534,10 @@ class JarvisArgus:
             log.warning("conversation %s not found for user %s", state.conversation_id, uid)
             await self._fresh_thread(state)  # the next message starts a new conversation
             await self._say(CONVERSATION_GONE)
-        except StoreError:  # StoreUnavailable included
+        except StoreUnavailable as exc:  # database down: one clear line, no traceback
+            log.warning("message of user %s not saved: %s", uid, exc)
+            await self._say(STORE_DOWN)
+        except StoreError:
             log.exception("store error")
             await self._say(STORE_DOWN)
         finally:

@@ -13,17 +13,22 @@ Routes (under Chainlit's root path):
 - ``POST /signup``: JSON or form body ``email, name, password[, confirm]``;
   answers ``{"ok": true}`` (201) or ``{"ok": false, "error": "..."}``
   with 400, 403 (cross-site), 413 (too large; bodies over 16 KiB are already
-  refused by ``argus.limits`` before they reach this route) or 429 (throttled).
+  refused by ``argus.limits`` before they reach this route), 429 (throttled)
+  or 503 (the store is unavailable: :data:`STORAGE_UNAVAILABLE`).
 - ``POST /login`` (unless ``guard_login=False``): answers 429 with
   ``{"detail": "Too many failed sign-in attempts. Try again in 4 minutes."}``
   while the email or client address is throttled, otherwise hands the request
   to Chainlit's own ``/login``. During that call :func:`current_client_ip`
-  returns the caller's address, for the ``@cl.password_auth_callback``.
+  returns the caller's address, for the ``@cl.password_auth_callback``; when
+  the callback reports the store unavailable (:func:`report_store_unavailable`)
+  the answer is 503 ``{"detail": STORAGE_UNAVAILABLE}`` instead of Chainlit's
+  401, so a database outage never looks like a wrong password.
 """
 import asyncio
 import contextvars
 import html
 import json
+import logging
 import math
 import os
 from typing import Callable, Optional
@@ -32,12 +37,19 @@ from urllib.parse import parse_qs, urlsplit
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
+from starlette.exceptions import HTTPException
 
 from argus.auth import Authenticator, LoginThrottled, SignupError, SignupThrottled
+from argus.store import StoreUnavailable
 
 MAX_BODY_BYTES = 16 * 1024
+#: The answer (503) of sign-in and sign-up while the store cannot be reached.
+STORAGE_UNAVAILABLE = "Storage is unavailable right now; please try again in a moment."
 _ROUTE_PREFIX = "argus_"
+log = logging.getLogger(__name__)
 _client_ip: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("argus_client_ip", default=None)
+#: Set by the guarded POST /login for the length of Chainlit's call: the callback marks it.
+_login_store_down: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("argus_login_store_down", default=None)
 
 
 def current_client_ip() -> Optional[str]:
@@ -51,6 +63,15 @@ def current_client_ip() -> Optional[str]:
     ``FORWARDED_ALLOW_IPS``, default 127.0.0.1.)
     """
     return _client_ip.get()
+
+
+def report_store_unavailable() -> None:
+    """Tell the guarded ``POST /login`` being handled that the store failed, so it answers
+    503 with :data:`STORAGE_UNAVAILABLE` rather than 401 (the password callback can only
+    return None). A no-op outside a guarded sign-in."""
+    flag = _login_store_down.get()
+    if flag is not None:
+        flag.append(True)
 
 
 def _client_host(request: Request) -> Optional[str]:
@@ -150,6 +171,9 @@ def install_signup_routes(
             return _fail(429, exc.message, exc.retry_after_s)
         except SignupError as exc:
             return _fail(400, exc.message)
+        except StoreUnavailable as exc:
+            log.warning("sign-up failed: %s", exc)
+            return _fail(503, STORAGE_UNAVAILABLE)
         return JSONResponse({"ok": True}, status_code=201)
 
     router.add_api_route("/signup", signup_page, methods=["GET"], name=_ROUTE_PREFIX + "signup_page", include_in_schema=False)
@@ -170,11 +194,20 @@ def install_signup_routes(
                     status_code=429,
                     headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
                 )
-            token = _client_ip.set(ip)
+            store_down: list = []
+            token, down_token = _client_ip.set(ip), _login_store_down.set(store_down)
             try:
-                return await chainlit_login(request=request, response=response, form_data=form_data)
+                answer = await chainlit_login(request=request, response=response, form_data=form_data)
+            except HTTPException:
+                if not store_down:
+                    raise
+                answer = None
             finally:
+                _login_store_down.reset(down_token)
                 _client_ip.reset(token)
+            if store_down:
+                return JSONResponse({"detail": STORAGE_UNAVAILABLE}, status_code=503)
+            return answer
 
         router.add_api_route("/login", guarded_login, methods=["POST"], name=_ROUTE_PREFIX + "login", include_in_schema=False)
 

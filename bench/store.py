@@ -23,14 +23,28 @@ check, transaction, records, and its choice of SQL.
 Latencies are p50 / p99 in milliseconds over ``--samples`` operations each. The goal is
 p99 ≤ 5 ms at 1M messages.
 
-``--mongo-uri`` runs the same measurements against ``argus.store.mongo.MongoStore`` once it
-exists (filled through the Store API, in a scratch database that is dropped afterwards; the
+``--mongo-uri`` runs the same measurements against ``argus.store.mongo.MongoStore``
+(filled through the Store API, in a scratch database that is dropped afterwards; the
 reference there is a raw pymongo insert_one and an indexed find on a scratch collection).
 Results go into docs/PERFORMANCE.md by hand.
+
+    python bench/store.py --loop-lag [--lag-users 8] [--lag-seconds 5] [--lag-base 10000]
+
+``--loop-lag`` instead measures what the store costs the *event loop* (the chat server runs
+every session on one asyncio loop). A ticker coroutine sleeps 1 ms in a loop and records how
+late it wakes (scheduling lag). Three phases of ``--lag-seconds`` each, on one SQLiteStore
+with ``--lag-base`` messages: *idle* (the ticker alone: the floor of the timer itself), then
+``--lag-users`` simulated users, each appending a message and reading the first page of its
+own conversation in a tight loop, (a) through ``asyncio.to_thread`` (what Argus does) and
+(b) calling the store directly on the loop (blocking; the reference). Printed: lag p50 / p99 /
+max in ms per phase, the lag ratio blocking ÷ to_thread, and store operations per second
+(append and page each count as one). SQLite only: mongomock runs in Python under the GIL and
+says nothing about a server's latency; a MongoDB figure needs a real server.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import os
@@ -368,7 +382,7 @@ def run_mongo(args, sizes: list[int]) -> list[Row] | None:
     uri = urlunsplit(parts._replace(path="/" + db_name))
     client = pymongo.MongoClient(uri)
     data_dir = Path(tempfile.mkdtemp(prefix="argus-bench-mongo-"))
-    store = cls(uri, data_dir)  # the signature open_store() will use
+    store = cls.from_uri(uri, db_name)  # as open_store() does
     ref = RawMongo(client[db_name])
     rng = random.Random(args.seed)
     corpus = Corpus()
@@ -389,6 +403,130 @@ def run_mongo(args, sizes: list[int]) -> list[Row] | None:
     return rows
 
 
+# ---------------------------------------------------------------- event-loop lag
+TICK_S = 0.001
+
+
+@dataclass
+class LagRow:
+    phase: str
+    ticks: int
+    lag_p50: float  # ms
+    lag_p99: float
+    lag_max: float
+    ops: int = 0
+    seconds: float = 0.0
+    op_p50: float = 0.0  # ms, one store call as the simulated user waits for it
+    op_p99: float = 0.0
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+
+async def _lag_phase(phase: str, store: Store, convs: list[tuple[str, str]], seconds: float,
+                     mode: str | None, rng: random.Random) -> LagRow:
+    """Run the 1 ms ticker for ``seconds``, with one simulated user per conversation in
+    ``convs`` doing append + first page in a loop (``mode`` "thread": via asyncio.to_thread;
+    "blocking": called on the loop; None: no users)."""
+    stop = asyncio.Event()
+    lags: list[float] = []
+    op_times: list[float] = []
+    ops = 0
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(TICK_S)
+            lags.append(time.perf_counter() - t - TICK_S)
+
+    async def call(fn, *args, **kwargs):
+        t = time.perf_counter()
+        if mode == "thread":
+            out = await asyncio.to_thread(fn, *args, **kwargs)
+        else:
+            out = fn(*args, **kwargs)
+        op_times.append(time.perf_counter() - t)
+        await asyncio.sleep(0)  # a handler awaits something between store calls (sending, etc.)
+        return out
+
+    async def user(cid: str, owner: str) -> None:
+        nonlocal ops
+        texts = [_text(rng) for _ in range(64)]
+        i = 0
+        while not stop.is_set():
+            await call(store.add_message, cid, owner, "user", texts[i % 64], model="bench")
+            await call(store.list_messages, cid, owner, limit=PAGE)
+            ops += 2
+            i += 1
+
+    tasks = [asyncio.create_task(ticker())]
+    if mode is not None:
+        tasks += [asyncio.create_task(user(cid, owner)) for cid, owner in convs]
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    qs = statistics.quantiles(lags, n=100, method="inclusive")
+    row = LagRow(phase, len(lags), qs[49] * 1e3, qs[98] * 1e3, max(lags) * 1e3, ops, elapsed)
+    if op_times:
+        oq = statistics.quantiles(op_times, n=100, method="inclusive")
+        row.op_p50, row.op_p99 = oq[49] * 1e3, oq[98] * 1e3
+    return row
+
+
+def run_loop_lag(args) -> list[LagRow]:
+    rng = random.Random(args.seed)
+    root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="argus-bench-lag-"))
+    if args.data_dir and (root / DB_NAME).exists():
+        raise SystemExit(f"{root / DB_NAME} exists: give an empty --data-dir")
+    store = SQLiteStore(root)
+    corpus = Corpus()
+    try:
+        ensure_users(store, corpus, args.lag_users)
+        bulk_fill_sqlite(store, corpus, max(args.lag_base, 2 * args.per_conversation), args.per_conversation,
+                         args.long_share, rng)
+        convs, owners = [], set()  # one conversation of each simulated user, each a different owner
+        for cid, owner in corpus.convs:
+            if owner not in owners:
+                owners.add(owner)
+                convs.append((cid, owner))
+        convs = convs[:args.lag_users]
+        print(f"[loop lag] SQLiteStore with {corpus.messages:,} messages; {len(convs)} simulated users "
+              f"(append + first page of {PAGE}, in a loop); ticker every {TICK_S * 1e3:g} ms; "
+              f"{args.lag_seconds:g} s per phase; default executor "
+              f"{min(32, (os.cpu_count() or 1) + 4)} threads", flush=True)
+
+        async def phases() -> list[LagRow]:
+            rows = [await _lag_phase("idle (ticker only)", store, convs, args.lag_seconds, None, rng)]
+            rows.append(await _lag_phase("asyncio.to_thread", store, convs, args.lag_seconds, "thread", rng))
+            rows.append(await _lag_phase("blocking on the loop", store, convs, args.lag_seconds, "blocking", rng))
+            return rows
+
+        return asyncio.run(phases())
+    finally:
+        store.close()
+        if not args.data_dir and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def print_lag(rows: list[LagRow]) -> None:
+    print("\nEvent-loop lag under store load (ms late per 1 ms tick; store ops = appends + first pages)")
+    head = (f"{'phase':<22} {'ticks':>6} {'lag p50':>8} {'lag p99':>8} {'lag max':>8}   "
+            f"{'ops/s':>7} {'op p50':>7} {'op p99':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ops = f"{r.ops_per_s:>7.0f} {r.op_p50:>7.3f} {r.op_p99:>7.3f}" if r.ops else f"{'-':>7} {'-':>7} {'-':>7}"
+        print(f"{r.phase:<22} {r.ticks:>6} {r.lag_p50:>8.3f} {r.lag_p99:>8.3f} {r.lag_max:>8.3f}   {ops}")
+    by = {r.phase: r for r in rows}
+    thread, block = by["asyncio.to_thread"], by["blocking on the loop"]
+    print(f"lag ratio blocking ÷ to_thread: p50 {block.lag_p50 / thread.lag_p50:.1f}x, "
+          f"p99 {block.lag_p99 / thread.lag_p99:.1f}x, max {block.lag_max / thread.lag_max:.1f}x; "
+          f"store throughput to_thread ÷ blocking: {thread.ops_per_s / block.ops_per_s:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000", help="message counts, comma-separated, ascending")
@@ -403,7 +541,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sqlite", action="store_true", help="only the MongoDB run")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--loop-lag", action="store_true",
+                    help="measure event-loop lag under store load (to_thread vs blocking) instead")
+    ap.add_argument("--lag-users", type=int, default=8, help="simulated users for --loop-lag")
+    ap.add_argument("--lag-seconds", type=float, default=5.0, help="length of each --loop-lag phase")
+    ap.add_argument("--lag-base", type=int, default=10_000, help="messages in the database for --loop-lag")
     args = ap.parse_args(argv)
+    if args.loop_lag:
+        print(f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs", flush=True)
+        rows = run_loop_lag(args)
+        print_lag(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"loop_lag": [{**vars(r), "ops_per_s": r.ops_per_s} for r in rows]},
+                                                  indent=1))
+        return 0
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
     if sizes != sorted(sizes) or sizes[0] < args.per_conversation * 2:
         ap.error("--sizes must be ascending and hold at least two conversations' worth of messages")

@@ -1,6 +1,6 @@
 // Jarvis Argus: adds "No account? Sign up" under Chainlit's login form, and shows
 // the server's message when POST /login answers 429 ("Too many failed sign-in
-// attempts...") or 413 (form too large). Loaded by `custom_js = "/public/signup-link.js"`
+// attempts..."), 413 (form too large) or 503 ("Storage is unavailable right now..."). Loaded by `custom_js = "/public/signup-link.js"`
 // in .chainlit/config.toml. The login page is rendered by React, so a
 // MutationObserver re-adds the link whenever the form is (re)drawn.
 (function () {
@@ -71,7 +71,7 @@
       var old = document.getElementById(NOTICE_ID);
       if (old) old.remove();
       return p.then(function (response) {
-        if (response.status === 429 || response.status === 413) {
+        if (response.status === 429 || response.status === 413 || response.status === 503) {
           response.clone().json().then(function (body) {
             if (body && body.detail) setTimeout(function () { showNotice(body.detail); }, 0);
           }).catch(function () {});

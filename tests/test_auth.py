@@ -332,3 +332,26 @@ def test_short_secret_in_the_file_is_refused(settings, monkeypatch):
     with pytest.raises(AuthSecretError, match="must be at least 32 characters; delete the file") as info:
         ensure_auth_secret(settings)
     assert WEAK_SECRET not in str(info.value)
+
+
+def test_signup_during_a_storage_outage_does_not_use_up_the_address_quota(tmp_path):
+    """Five sign-ups that fail because storage is down must not lock the address out afterwards."""
+    from argus.auth import Authenticator
+    from argus.config import Settings
+    from argus.store import SQLiteStore, StoreUnavailable
+
+    class DownThenUp(SQLiteStore):
+        down = True
+
+        def create_user(self, *a, **kw):
+            if self.down:
+                raise StoreUnavailable("storage unavailable")
+            return super().create_user(*a, **kw)
+
+    store = DownThenUp(tmp_path / "d")
+    auth = Authenticator(store, Settings.from_env(dotenv=False), bcrypt_rounds=4, signups_per_window=2)
+    for _ in range(5):
+        with pytest.raises(StoreUnavailable):
+            auth.signup("a@example.com", "Ann", "long enough password", "10.0.0.9")
+    store.down = False
+    assert auth.signup("a@example.com", "Ann", "long enough password", "10.0.0.9").email == "a@example.com"

@@ -6,7 +6,9 @@
   (index use, reconnection after an outage) against ``ARGUS_TEST_MONGO_URI``, e.g.
   ``docker compose up -d mongo`` then ``ARGUS_TEST_MONGO_URI=mongodb://127.0.0.1:27017 make test``.
   Without that variable they are reported as "not run: ARGUS_TEST_MONGO_URI unset".
-* Unreachable-server behaviour is tested with real pymongo against a closed local port.
+* Unreachable-server behaviour is tested with real pymongo against a closed local port, and
+  deferred start-up (index creation failing, then succeeding) with mongomock behind a driver
+  whose ``create_indexes`` drops the connection a given number of times.
 
 mongomock executes each call in Python without the server's per-operation atomicity, so the
 mongomock fixtures serialise its collection operations with one lock: that emulates what
@@ -35,8 +37,8 @@ from conftest import free_port  # noqa: E402
 from store_contract import HASH, StoreContract, race  # noqa: E402
 
 from argus.config import ConfigError, Settings  # noqa: E402
-from argus.store import SQLiteStore, StoreUnavailable, open_store  # noqa: E402
-from argus.store.mongo import BLOB_BUCKET, INDEXES, SCHEMA_VERSION, MongoStore  # noqa: E402
+from argus.store import SQLiteStore, StoreUnavailable, UserExists, check_store, open_store  # noqa: E402
+from argus.store.mongo import BLOB_BUCKET, INDEXES, SCHEMA_VERSION, MongoStore, MongoUnreachable  # noqa: E402
 
 mongomock.gridfs.enable_gridfs_integration()  # lets pymongo's gridfs accept mongomock databases
 
@@ -109,6 +111,8 @@ class TestMongoStore(StoreContract):
             s.close()
 
     def test_indexes_are_declared_and_created(self, store: MongoStore):
+        assert store._db["users"].index_information() == {}  # construction does no I/O
+        assert store.count_users() == 0  # the first operation prepares the database
         for coll, models in INDEXES.items():
             info = store._db[coll].index_information()
             for model in models:
@@ -121,7 +125,9 @@ class TestMongoStore(StoreContract):
         assert list(dict(store.messages.index_information()["conversation_created"]["key"])) == [
             "conversation_id", "created_at", "_id"]
         assert list(dict(store.feedback.index_information()["message_owner_unique"]["key"])) == ["message_id", "owner_id"]
-        MongoStore(store._client, "argus_test").close()  # creating them again is a no-op
+        again = MongoStore(store._client, "argus_test")
+        again.ensure_ready()  # creating them again is a no-op
+        again.close()
 
     def test_document_shapes(self, store: MongoStore):
         u = store.create_user("a@example.com", "A", HASH)
@@ -216,10 +222,19 @@ class TestMongoStore(StoreContract):
         assert s.count_users() == 2
 
     def test_newer_schema_is_refused(self, mock_client):
-        MongoStore(mock_client, "argus_test").close()
+        first = MongoStore(mock_client, "argus_test")
+        first.ensure_ready()
+        first.close()
         mock_client["argus_test"]["meta"].update_one({"_id": "schema"}, {"$set": {"version": SCHEMA_VERSION + 1}})
-        with pytest.raises(StoreUnavailable, match="newer"):
-            MongoStore(mock_client, "argus_test")
+        s = MongoStore(mock_client, "argus_test")  # constructing never fails: the operations do
+        for call in (s.count_users, lambda: s.create_user("a@example.com", "A", HASH), s.ensure_ready):
+            with pytest.raises(StoreUnavailable, match="newer") as err:
+                call()
+            assert not isinstance(err.value, MongoUnreachable)
+        assert mock_client["argus_test"]["users"].count_documents({}) == 0  # nothing was written
+        assert check_store(s).startswith("MongoDB at localhost:27017 is not usable; the chat will answer")
+        mock_client["argus_test"]["meta"].update_one({"_id": "schema"}, {"$set": {"version": SCHEMA_VERSION}})
+        assert s.count_users() == 0  # checked again on each operation until it passes
 
     def test_closed_store_is_unavailable(self, store: MongoStore):
         store.close()
@@ -251,16 +266,154 @@ class TestMongoStore(StoreContract):
         assert len(store.search_messages(u.id, "$WHERE")) == 1
 
 
+# ---- deferred start-up: index creation fails, then succeeds ---------------------
+@contextlib.contextmanager
+def dropping_create_indexes(failures: int):
+    """Wrap the driver (mongomock's ``Collection.create_indexes``) so that its first
+    ``failures`` calls raise AutoReconnect, as pymongo does when the connection drops."""
+    real = mongomock.collection.Collection.create_indexes
+    calls = {"n": 0, "failed": 0}
+
+    def create_indexes(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["failed"] < failures:
+            calls["failed"] += 1
+            raise AutoReconnect("connection closed")
+        return real(self, *args, **kwargs)
+
+    mongomock.collection.Collection.create_indexes = create_indexes
+    try:
+        yield calls
+    finally:
+        mongomock.collection.Collection.create_indexes = real
+
+
+def test_readiness_is_deferred_until_the_server_answers(mock_client):
+    mock_client["argus_test"]["users"].insert_one(  # a user from before, to be counted
+        {"_id": "x", "email": "old@example.com", "name": "Old", "role": "admin", "password_hash": HASH, "created_at": 1.0})
+    with dropping_create_indexes(3) as calls:
+        s = MongoStore(mock_client, "argus_test")
+        assert calls["n"] == 0  # construction does no I/O
+        attempts = [lambda: s.create_user("new@example.com", "New", HASH), s.count_users, s.list_users]
+        for call in attempts:
+            with pytest.raises(MongoUnreachable, match="^storage unavailable: lost the connection to MongoDB at localhost:27017"):
+                call()
+        assert calls["failed"] == 3
+        users = mock_client["argus_test"]["users"]
+        assert users.count_documents({}) == 1  # the failed create_user wrote nothing
+        assert "email_unique" not in users.index_information()
+        u = s.create_user("new@example.com", "New", HASH)  # the driver works again: ready, then the call
+    assert u.role == "user"  # the user count was reconciled with the existing user first
+    for coll, models in INDEXES.items():
+        info = mock_client["argus_test"][coll].index_information()
+        assert {m.document["name"] for m in models} <= set(info), coll
+    assert mock_client["argus_test"]["meta"].find_one({"_id": "schema"})["version"] == SCHEMA_VERSION
+    with pytest.raises(UserExists):  # the unique index now decides
+        s.create_user("NEW@example.com", "Dup", HASH)
+    n = calls["n"]
+    s.count_users()
+    assert calls["n"] == n  # prepared once: later operations do not repeat it
+    assert check_store(s) is None
+
+
+def test_waiting_callers_share_a_failed_readiness_attempt(mock_client):
+    """While one thread's attempt is failing, callers queued behind it raise its error at
+    once instead of each trying (and timing out) in turn."""
+    entered, release = threading.Event(), threading.Event()
+    real = mongomock.collection.Collection.create_indexes
+    tries = []
+
+    def slow_then_fail(self, *args, **kwargs):
+        tries.append(1)
+        entered.set()
+        release.wait(10)
+        raise AutoReconnect("connection closed")
+
+    mongomock.collection.Collection.create_indexes = slow_then_fail
+    try:
+        s = MongoStore(mock_client, "argus_test")
+        results = []
+
+        def call():
+            try:
+                s.count_users()
+            except StoreUnavailable as exc:
+                results.append(exc)
+
+        first = threading.Thread(target=call)
+        first.start()
+        assert entered.wait(10)
+        waiters = [threading.Thread(target=call) for _ in range(4)]
+        for t in waiters:
+            t.start()
+        time.sleep(0.5)  # let them queue on the lock
+        release.set()
+        for t in [first, *waiters]:
+            t.join(10)
+        assert len(results) == 5 and all(isinstance(e, MongoUnreachable) for e in results)
+        assert len(tries) == 1  # one attempt for the whole burst
+    finally:
+        mongomock.collection.Collection.create_indexes = real
+    assert s.count_users() == 0  # the next call tries again, and works
+
+
 # ---- unreachable server (real pymongo, nothing listening) ---------------------
-def test_unreachable_server_at_start_is_unavailable_quickly():
-    port = free_port()
+def test_unreachable_server_constructs_at_once_and_each_call_fails_quickly():
+    port = free_port()  # freed again: nothing listens there
     start = time.monotonic()
-    with pytest.raises(StoreUnavailable) as err:
-        MongoStore.from_uri(f"mongodb://127.0.0.1:{port}/argus_test", serverSelectionTimeoutMS=300)
-    assert time.monotonic() - start < 10
-    text = str(err.value)
-    assert text.startswith(f"storage unavailable: cannot reach MongoDB at 127.0.0.1:{port}")
-    assert "Topology Description" not in text
+    s = MongoStore.from_uri(f"mongodb://user:hunter2@127.0.0.1:{port}/argus_test", serverSelectionTimeoutMS=300)
+    try:
+        assert isinstance(s._client, pymongo.MongoClient)
+        assert time.monotonic() - start < 0.5  # no server needed to construct
+        calls = [s.count_users, lambda: s.get_user_by_email("a@example.com"),
+                 lambda: s.create_user("a@example.com", "A", HASH), s.ensure_ready]
+        for call in calls:
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                call()
+            assert time.monotonic() - start < 3  # about serverSelectionTimeoutMS, never more than one wait
+            text = str(err.value)
+            assert isinstance(err.value, MongoUnreachable)
+            assert text.startswith(f"storage unavailable: cannot reach MongoDB at 127.0.0.1:{port}")
+            assert "Topology Description" not in text and "hunter2" not in text
+        warning = check_store(s)
+        assert warning.startswith(
+            f"MongoDB at 127.0.0.1:{port} is unreachable; the chat will answer 'storage unavailable' until it comes back"
+        )
+        assert "hunter2" not in warning
+        # a burst of callers during the outage: each fails within about one timeout
+        durations: list[float] = []
+
+        def timed():
+            t0 = time.monotonic()
+            with contextlib.suppress(StoreUnavailable):
+                s.get_user("x")
+            durations.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=timed) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(durations) == 6 and max(durations) < 3, durations
+    finally:
+        s.close()
+
+
+def test_srv_uri_defers_the_dns_lookup(monkeypatch):
+    seen = {}
+
+    class Client(mongomock.MongoClient):
+        def __init__(self, uri, **kwargs):
+            seen.update(kwargs, uri=uri)
+            super().__init__()
+
+    monkeypatch.setattr(pymongo, "MongoClient", Client)
+    with atomic_mongomock():
+        s = MongoStore.from_uri("mongodb+srv://user:pw@cluster0.example.net/mydb")
+        assert s.where == "cluster0.example.net" and s.db_name == "mydb"
+        s.close()
+    assert seen["connect"] is False
 
 
 def test_uri_options_win_over_defaults(monkeypatch):
@@ -336,9 +489,13 @@ def test_open_store_bad_or_unreachable_mongo_uri(settings, monkeypatch):
     assert "hunter2" not in str(err.value)
     port = free_port()
     monkeypatch.setenv("MONGO_URI", f"mongodb://user:hunter2@127.0.0.1:{port}/x?serverSelectionTimeoutMS=300")
-    with pytest.raises(StoreUnavailable, match=f"cannot reach MongoDB at 127.0.0.1:{port}") as err:
-        open_store(settings)
-    assert "hunter2" not in str(err.value)
+    s = open_store(settings)  # an unreachable server is an outage, not a configuration error
+    try:
+        with pytest.raises(StoreUnavailable, match=f"cannot reach MongoDB at 127.0.0.1:{port}") as err:
+            s.count_users()
+        assert "hunter2" not in str(err.value)
+    finally:
+        s.close()
 
 
 # ---- the contract on a real server ---------------------------------------------
@@ -407,7 +564,11 @@ def test_real_mongodb():
     with one, checks that ARGUS_TEST_MONGO_URI is usable before the class runs."""
     if not REAL_URI:
         pytest.skip(f"{NOT_RUN} (TestMongoStoreRealServer: the store contract, index use and outage recovery)")
-    MongoStore.from_uri(REAL_URI, "argus_test_ping").close()
+    s = MongoStore.from_uri(REAL_URI, "argus_test_ping")
+    try:
+        s.ensure_ready()  # construction alone does not touch the server
+    finally:
+        s.close()
 
 
 class TestMongoStoreRealServer(StoreContract):
@@ -477,6 +638,36 @@ class TestMongoStoreRealServer(StoreContract):
                     time.sleep(0.2)
             assert s.get_message(m.id, u.id).content == "back"
             assert s.count_users() == 1
+        finally:
+            proxy.stop()
+            with contextlib.suppress(Exception):
+                MongoStore.from_uri(REAL_URI, db_name)._client.drop_database(db_name)
+            s.close()
+
+    def test_server_down_at_start_then_up(self, db_name):
+        """Started while the server is unreachable: each call fails fast; once it is up the
+        next call prepares the database (indexes) and succeeds."""
+        from pymongo import uri_parser
+
+        target = uri_parser.parse_uri(REAL_URI)["nodelist"][0]
+        proxy = _Proxy(target, free_port())  # not started: the port is closed
+        uri = re.sub(r"^mongodb://([^@/]*@)?[^/?]*", lambda m: f"mongodb://{m.group(1) or ''}127.0.0.1:{proxy.port}", REAL_URI)
+        s = MongoStore.from_uri(uri, db_name, directConnection=True, serverSelectionTimeoutMS=500)
+        try:
+            with pytest.raises(MongoUnreachable):
+                s.create_user("a@example.com", "A", HASH)
+            proxy.start()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    u = s.create_user("a@example.com", "A", HASH)
+                    break
+                except StoreUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            assert u.role == "admin" and s.count_users() == 1
+            assert "email_unique" in s.users.index_information()
         finally:
             proxy.stop()
             with contextlib.suppress(Exception):

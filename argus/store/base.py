@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+import json
 from typing import Generic, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +34,26 @@ class NotFound(StoreError):
 
 class UserExists(StoreError):
     """A user with this email already exists (emails compare case-insensitively)."""
+
+
+def dump_metadata(metadata: Optional[dict]) -> str:
+    """Conversation metadata as compact JSON text, the form both stores keep it in (as a string:
+    Chainlit's keys may hold '.' or start with '$', which MongoDB field names handle badly).
+
+    Raises ValueError unless it is a dict that survives a JSON round trip unchanged (string keys;
+    str, int, float, bool, None, lists and dicts inside).
+    """
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-safe: {exc}") from None
+    if json.loads(text) != metadata:
+        raise ValueError("metadata must be JSON-safe (string keys, no tuples)")
+    return text
 
 
 @dataclass(frozen=True)

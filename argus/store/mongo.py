@@ -19,8 +19,8 @@ Atomicity without transactions (a standalone server has none):
 * Sign-up races: the unique index on ``users.email`` decides; the loser gets UserExists.
 * First user is admin: every successful insert increments ``meta.user_count`` with one
   ``find_one_and_update``; the insert that takes the count from 0 to 1 is the first user
-  and is promoted to admin (when no role was given). The count is reconciled at start-up
-  (``$max`` with the real number of users), so a database filled by other means is safe.
+  and is promoted to admin (when no role was given). The count is reconciled before the first
+  operation (``$max`` with the real number of users), so a database filled by other means is safe.
 * Message times: one pipeline ``find_one_and_update`` on the conversation reserves
   ``created_at = max(now, last_message_at + 1 µs)`` and bumps ``updated_at``, so
   ``created_at`` is strictly increasing within a conversation even with a coarse clock.
@@ -36,6 +36,13 @@ indexes below are declared for a future word-search mode but not used by queries
 Errors: pymongo's ConnectionFailure family (ServerSelectionTimeoutError, AutoReconnect,
 NetworkTimeout...) and any other server error become :class:`StoreUnavailable`
 ("storage unavailable: ..."); pymongo reconnects by itself once the server is back.
+
+Start-up needs no server: constructing a :class:`MongoStore` does no I/O (pymongo connects
+in the background). The schema check, index creation and user-count reconciliation run in
+``_ensure_ready`` before the first operation, under a lock, and again before each later
+operation until they have succeeded once; while the server is down every operation raises
+StoreUnavailable within about one ``serverSelectionTimeoutMS`` (callers waiting for the
+same attempt share its failure instead of queueing for their own).
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import contextlib
 import hashlib
 import json
 import re
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -55,6 +63,7 @@ from pymongo import ASCENDING, DESCENDING, TEXT, IndexModel, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .base import (
+    dump_metadata,
     Attachment,
     Conversation,
     Feedback,
@@ -83,7 +92,7 @@ MESSAGE_STATUSES = ("complete", "stopped", "error")
 MAX_PAGE = 200  # larger ``limit`` values are clamped to this (as in SQLite)
 BLOB_BUCKET = "blobs"  # GridFS prefix: collections blobs.files and blobs.chunks
 
-#: The indexes of each collection, created (idempotently) at start-up. Declared beside the
+#: The indexes of each collection, created (idempotently) before the first operation. Declared beside the
 #: document shapes in the module docstring; docs/STORAGE.md explains each one.
 INDEXES: dict[str, list[IndexModel]] = {
     "users": [
@@ -123,6 +132,11 @@ class ImportConflict(StoreError):
     """An imported record's id (or email) already belongs to a different record or owner."""
 
 
+class MongoUnreachable(StoreUnavailable):
+    """StoreUnavailable because the server cannot be reached (down, network, DNS), as
+    opposed to reached but refusing (credentials, schema, index build)."""
+
+
 # ---- helpers ---------------------------------------------------------------
 def _encode_cursor(ts: float, row_id: str) -> str:
     raw = f"{ts!r}|{row_id}".encode()
@@ -158,21 +172,6 @@ def _contains(text: str) -> dict:
     return {"$regex": pattern, "$options": "i"}
 
 
-def _dump_metadata(metadata: Optional[dict]) -> str:
-    """Conversation metadata as JSON text (stored as a string: Chainlit's keys may hold '.' or
-    start with '$', which MongoDB field names handle badly). ValueError unless it is a dict
-    that survives JSON unchanged (string keys; str, int, float, bool, None, lists, dicts)."""
-    if metadata is None:
-        return "{}"
-    if not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-safe: {exc}") from None
-    if json.loads(text) != metadata:
-        raise ValueError("metadata must be JSON-safe (string keys, no tuples)")
-    return text
 
 
 def _user(d: Mapping) -> User:
@@ -208,7 +207,7 @@ def _user_doc(u: User) -> dict:
 
 def _conv_doc(c: Conversation) -> dict:
     return {"_id": c.id, "owner_id": c.owner_id, "title": c.title, "model": c.model, "created_at": c.created_at,
-            "updated_at": c.updated_at, "metadata": _dump_metadata(c.metadata)}
+            "updated_at": c.updated_at, "metadata": dump_metadata(c.metadata)}
 
 
 def _msg_doc(m: Message) -> dict:
@@ -255,10 +254,14 @@ class MongoStore(Store):
         owns_client: close ``client`` in :meth:`close` (``from_uri`` sets it).
         where: how to name the server in error messages (default: the client's hosts).
 
-    Creates the collections' indexes (:data:`INDEXES`) and checks the schema version.
+    Construction does no I/O and needs no server. Before the first operation (and before
+    each later one until it has worked once) the store checks the schema version, creates
+    the collections' indexes (:data:`INDEXES`) and reconciles the user count; see
+    :meth:`ensure_ready`.
 
     Raises:
-        StoreUnavailable: the server cannot be reached within the client's
+        StoreUnavailable: ``db_name`` is not a valid database name (at once). Every
+            operation raises it while the server cannot be reached within the client's
             ``serverSelectionTimeoutMS``, refuses us (authentication, permissions), an
             index cannot be built (e.g. duplicate emails), or the database has a newer schema.
 
@@ -294,13 +297,11 @@ class MongoStore(Store):
         self.files = db["files"]
         self.feedback = db["feedback"]
         self.meta = db["meta"]
-        self._fs = gridfs.GridFS(db, collection=BLOB_BUCKET)
-        try:
-            with self._errors():
-                self._prepare()
-        except BaseException:
-            self._close_client()
-            raise
+        self._fs = gridfs.GridFS(db, collection=BLOB_BUCKET)  # no I/O until used
+        self._ready = False  # _prepare has succeeded (it never needs to run again)
+        self._ready_lock = threading.Lock()
+        self._ready_attempts = 0  # finished _prepare attempts (under the lock)
+        self._ready_error: Optional[StoreUnavailable] = None  # why the last attempt failed
 
     @classmethod
     def from_uri(
@@ -312,9 +313,12 @@ class MongoStore(Store):
         :data:`DEFAULT_CLIENT_OPTIONS` apply unless the URI or ``client_options`` set them,
         e.g. ``mongodb://host/?serverSelectionTimeoutMS=10000``.
 
+        No I/O for ``mongodb://`` URIs; for ``mongodb+srv://`` the DNS lookup of the
+        servers is left to the first operation too (``connect=False`` unless given).
+
         Raises:
             ValueError: the URI is malformed (the message never repeats the URI's password).
-            StoreUnavailable: as for the constructor.
+            StoreUnavailable: ``db_name`` is not a valid database name.
         """
         from pymongo import uri_parser
         from pymongo.errors import ConfigurationError, InvalidURI
@@ -327,6 +331,8 @@ class MongoStore(Store):
             for key, value in DEFAULT_CLIENT_OPTIONS.items():
                 if key.lower() not in uri_opts and key not in client_options:
                     client_options[key] = value
+            if srv and "connect" not in uri_opts and "connect" not in client_options:
+                client_options["connect"] = False  # the SRV/TXT lookup waits for the first operation
             client = pymongo.MongoClient(uri, **client_options)
         except (InvalidURI, ValueError, TypeError) as exc:
             raise ValueError(f"not a usable MongoDB URI: {_redact(str(exc), uri)}") from None
@@ -347,27 +353,83 @@ class MongoStore(Store):
 
     # ---- plumbing -------------------------------------------------------
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, pymongo.errors.ConfigurationError) and self._client_is_srv():
+            return MongoUnreachable(
+                f"storage unavailable: cannot look up the MongoDB servers of {self.where} ({_reason(exc)}); "
+                "check DNS and MONGO_URI."
+            )
         if isinstance(exc, pymongo.errors.ServerSelectionTimeoutError):
-            msg = (f"storage unavailable: cannot reach MongoDB at {self.where} ({_reason(exc)}); "
-                   "check that the server is running and MONGO_URI is right.")
-        elif isinstance(exc, ConnectionFailure):
-            msg = f"storage unavailable: lost the connection to MongoDB at {self.where} ({_reason(exc)}); try again in a moment."
-        elif isinstance(exc, OperationFailure) and exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
+            return MongoUnreachable(
+                f"storage unavailable: cannot reach MongoDB at {self.where} ({_reason(exc)}); "
+                "check that the server is running and MONGO_URI is right."
+            )
+        if isinstance(exc, ConnectionFailure):
+            return MongoUnreachable(
+                f"storage unavailable: lost the connection to MongoDB at {self.where} ({_reason(exc)}); "
+                "try again in a moment."
+            )
+        if isinstance(exc, OperationFailure) and exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
             msg = f"storage unavailable: MongoDB at {self.where} refused access ({_reason(exc)}); check the credentials in MONGO_URI."
         else:
             msg = f"storage unavailable: MongoDB at {self.where} failed: {_reason(exc)}"
         return StoreUnavailable(msg)
 
+    def _client_is_srv(self) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(self._client._resolve_srv_info["is_srv"])
+        return False
+
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
+        """Run an operation: first :meth:`_ensure_ready`, then the body; pymongo errors
+        (other than the ones callers handle) become StoreUnavailable."""
         if self._closed:
             raise StoreUnavailable("storage unavailable: the store has been closed.")
+        if not self._ready:
+            self._ensure_ready()
         try:
             yield
         except (DuplicateKeyError, gridfs.errors.NoFile):
             raise  # handled by the callers
         except PyMongoError as exc:
             raise self._unavailable(exc) from exc
+
+    def ensure_ready(self) -> None:
+        """Connect and prepare the database now (schema check, indexes, user count) unless
+        that has already succeeded. Every operation does this by itself; call it to find out
+        early, e.g. at start-up. Raises StoreUnavailable (see the class)."""
+        if self._closed:
+            raise StoreUnavailable("storage unavailable: the store has been closed.")
+        if not self._ready:
+            self._ensure_ready()
+
+    def _ensure_ready(self) -> None:
+        """Run :meth:`_prepare` once successfully. Callers that waited for the lock while
+        another thread's attempt failed raise that failure instead of trying again, so a
+        burst of operations during an outage costs each about one server-selection
+        timeout, not one per caller queued ahead of it."""
+        seen = self._ready_attempts
+        with self._ready_lock:
+            if self._ready:
+                return
+            failed = self._ready_error
+            if self._ready_attempts != seen and failed is not None:
+                raise type(failed)(str(failed))  # a fresh exception: this thread's own traceback
+            try:
+                self._prepare()
+            except PyMongoError as exc:
+                self._ready_error = self._unavailable(exc)
+                raise self._ready_error from exc
+            except StoreUnavailable as exc:  # newer schema, an index that cannot be built
+                self._ready_error = exc
+                raise
+            except BaseException:
+                self._ready_error = None  # not an outage: let the next caller try for itself
+                raise
+            finally:
+                self._ready_attempts += 1
+            self._ready = True
+            self._ready_error = None
 
     def _prepare(self) -> None:
         """Check the schema version, create the indexes, reconcile the user count."""
@@ -470,7 +532,7 @@ class MongoStore(Store):
         """
         if conversation_id is not None and not conversation_id:
             raise ValueError("conversation_id must be a non-empty string")
-        meta = _dump_metadata(metadata)
+        meta = dump_metadata(metadata)
         now = self._clock()
         conv = Conversation(conversation_id or uuid.uuid4().hex, owner_id, title, model, now, now, json.loads(meta))
         with self._errors():
@@ -531,7 +593,7 @@ class MongoStore(Store):
     def update_conversation_metadata(self, conversation_id: str, owner_id: str, metadata: dict) -> Conversation:
         """Replace the metadata as a whole (``updated_at`` is left alone).
         Raises NotFound (missing/foreign), ValueError (not a JSON-safe dict)."""
-        return self._update_conversation(conversation_id, owner_id, {"metadata": _dump_metadata(metadata)})
+        return self._update_conversation(conversation_id, owner_id, {"metadata": dump_metadata(metadata)})
 
     def _update_conversation(self, conversation_id: str, owner_id: str, fields: dict) -> Conversation:
         with self._errors():

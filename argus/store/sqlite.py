@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import (
+    dump_metadata,
     Attachment,
     Conversation,
     Feedback,
@@ -286,20 +287,6 @@ def _fb(row: sqlite3.Row) -> Feedback:
     return Feedback(*row)
 
 
-def _dump_metadata(metadata: Optional[dict]) -> str:
-    """Serialise conversation metadata. ValueError unless it is a dict that survives JSON unchanged
-    (string keys; str, int, float, bool, None, lists and dicts inside)."""
-    if metadata is None:
-        return "{}"
-    if not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-safe: {exc}") from None
-    if json.loads(text) != metadata:
-        raise ValueError("metadata must be JSON-safe (string keys, no tuples)")
-    return text
 
 
 def _fts_phrase(text: str) -> str:
@@ -816,7 +803,7 @@ class SQLiteStore(Store):
         """
         if conversation_id is not None and not conversation_id:
             raise ValueError("conversation_id must be a non-empty string")
-        meta = _dump_metadata(metadata)
+        meta = dump_metadata(metadata)
         now = self._clock()
         conv = Conversation(conversation_id or uuid.uuid4().hex, owner_id, title, model, now, now, json.loads(meta))
         try:
@@ -909,7 +896,7 @@ class SQLiteStore(Store):
     def update_conversation_metadata(self, conversation_id: str, owner_id: str, metadata: dict) -> Conversation:
         """Replace the metadata as a whole (``updated_at`` is left alone, as for a rename).
         Raises NotFound (missing/foreign), ValueError (not a JSON-safe dict)."""
-        meta = _dump_metadata(metadata)
+        meta = dump_metadata(metadata)
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE conversations SET metadata = ? WHERE id = ? AND owner_id = ?", (meta, conversation_id, owner_id)
