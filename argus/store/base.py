@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+import base64
+import binascii
 import json
 from typing import Generic, Optional, Sequence, TypeVar
 
@@ -34,6 +36,36 @@ class NotFound(StoreError):
 
 class UserExists(StoreError):
     """A user with this email already exists (emails compare case-insensitively)."""
+
+
+#: The values the stores accept; anything else is a ValueError (a caller's bug, not user input).
+USER_ROLES = ("admin", "user")
+MESSAGE_ROLES = ("user", "assistant", "system")
+MESSAGE_STATUSES = ("complete", "stopped", "error")
+MAX_PAGE = 200  # larger ``limit`` values are clamped to this
+
+
+def page_limit(limit: int) -> int:
+    """``limit`` clamped to 1..MAX_PAGE. Raises ValueError below 1."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    return min(limit, MAX_PAGE)
+
+
+def encode_cursor(ts: float, row_id: str) -> str:
+    """An opaque paging cursor for the position (timestamp, id): unpadded base64url of ``ts|id``."""
+    raw = f"{ts!r}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of :func:`encode_cursor`. Raises ValueError("invalid paging cursor") on anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, row_id = raw.split("|", 1)
+        return float(ts), row_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError("invalid paging cursor") from None
 
 
 def dump_metadata(metadata: Optional[dict]) -> str:

@@ -46,8 +46,6 @@ same attempt share its failure instead of queueing for their own).
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -63,7 +61,13 @@ from pymongo import ASCENDING, DESCENDING, TEXT, IndexModel, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .base import (
+    MESSAGE_ROLES,
+    MESSAGE_STATUSES,
+    USER_ROLES,
+    decode_cursor,
     dump_metadata,
+    encode_cursor,
+    page_limit,
     Attachment,
     Conversation,
     Feedback,
@@ -86,10 +90,6 @@ DEFAULT_CLIENT_OPTIONS: dict[str, Any] = {
     "appname": "jarvis-argus",
 }
 SCHEMA_VERSION = 1
-USER_ROLES = ("admin", "user")
-MESSAGE_ROLES = ("user", "assistant", "system")
-MESSAGE_STATUSES = ("complete", "stopped", "error")
-MAX_PAGE = 200  # larger ``limit`` values are clamped to this (as in SQLite)
 BLOB_BUCKET = "blobs"  # GridFS prefix: collections blobs.files and blobs.chunks
 
 #: The indexes of each collection, created (idempotently) before the first operation. Declared beside the
@@ -138,32 +138,18 @@ class MongoUnreachable(StoreUnavailable):
 
 
 # ---- helpers ---------------------------------------------------------------
-def _encode_cursor(ts: float, row_id: str) -> str:
-    raw = f"{ts!r}|{row_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        ts, row_id = raw.split("|", 1)
-        return float(ts), row_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValueError("invalid paging cursor") from None
 
 
 def _after_cursor(field: str, cursor: Optional[str]) -> dict:
     """The filter for rows strictly before ``cursor`` in (``field``, _id) descending order."""
     if not cursor:
         return {}
-    ts, row_id = _decode_cursor(cursor)
+    ts, row_id = decode_cursor(cursor)
     return {"$or": [{field: {"$lt": ts}}, {field: ts, "_id": {"$lt": row_id}}]}
 
 
-def _limit(limit: int) -> int:
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    return min(limit, MAX_PAGE)
 
 
 def _contains(text: str) -> dict:
@@ -566,7 +552,7 @@ class MongoStore(Store):
         a malformed ``cursor`` raises ValueError. ``search`` (None or "" = no filter): only
         conversations whose title or any of whose messages contains the text (case-insensitive
         substring; every character literal). Pass the same ``search`` with a cursor."""
-        limit = _limit(limit)
+        limit = page_limit(limit)
         clauses: list[dict] = [{"owner_id": owner_id}]
         after = _after_cursor("updated_at", cursor)
         if after:
@@ -583,7 +569,7 @@ class MongoStore(Store):
             )
         items = [_conv(d) for d in docs[:limit]]
         more = len(docs) > limit
-        return Page(items, _encode_cursor(items[-1].updated_at, items[-1].id) if more else None)
+        return Page(items, encode_cursor(items[-1].updated_at, items[-1].id) if more else None)
 
     def rename_conversation(self, conversation_id: str, owner_id: str, title: str) -> Conversation:
         """Change the title (``updated_at`` is left alone so the list order does not jump).
@@ -748,7 +734,7 @@ class MongoStore(Store):
         """The owner's messages whose content contains ``text`` (case-insensitive substring,
         every character literal), newest ``created_at`` first, at most ``limit`` (clamped to
         MAX_PAGE; ValueError below 1). An empty ``text`` finds nothing."""
-        limit = _limit(limit)
+        limit = page_limit(limit)
         if not text:
             return []
         with self._errors():
@@ -779,7 +765,7 @@ class MongoStore(Store):
     ) -> Page[Message]:
         """Newest first; ``next_cursor`` pages towards older messages.
         Raises NotFound for a missing/foreign conversation, ValueError for a bad cursor/limit."""
-        limit = _limit(limit)
+        limit = page_limit(limit)
         query: dict = {"conversation_id": conversation_id, "owner_id": owner_id, **_after_cursor("created_at", cursor)}
         with self._errors():
             self._check_conversation(conversation_id, owner_id)
@@ -788,7 +774,7 @@ class MongoStore(Store):
             )
         items = [_msg(d) for d in docs[:limit]]
         more = len(docs) > limit
-        return Page(items, _encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
 
     # ---- feedback -------------------------------------------------------
     def set_feedback(self, message_id: str, owner_id: str, value: int, comment: Optional[str] = None) -> Feedback:

@@ -45,8 +45,6 @@ they are missing (existing rows are indexed then).
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -64,7 +62,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import (
+    MESSAGE_ROLES,
+    MESSAGE_STATUSES,
+    USER_ROLES,
+    decode_cursor,
     dump_metadata,
+    encode_cursor,
+    page_limit,
     Attachment,
     Conversation,
     Feedback,
@@ -79,10 +83,6 @@ from .base import (
 
 DB_NAME = "argus.db"
 FILES_DIR = "files"
-USER_ROLES = ("admin", "user")
-MESSAGE_ROLES = ("user", "assistant", "system")
-MESSAGE_STATUSES = ("complete", "stopped", "error")
-MAX_PAGE = 200  # larger ``limit`` values are clamped to this
 
 # Each entry upgrades the schema by one version; append, never edit.
 _MIGRATIONS: tuple[str, ...] = (
@@ -254,24 +254,10 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _encode_cursor(ts: float, row_id: str) -> str:
-    raw = f"{ts!r}|{row_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        ts, row_id = raw.split("|", 1)
-        return float(ts), row_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValueError("invalid paging cursor") from None
 
 
-def _limit(limit: int) -> int:
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    return min(limit, MAX_PAGE)
 
 
 def _user(row: sqlite3.Row) -> User:
@@ -843,14 +829,14 @@ class SQLiteStore(Store):
         messages contains the text, case-insensitively (see the module docstring); every
         character is literal. Cursors work the same with a search (pass the same text again).
         """
-        limit = _limit(limit)
+        limit = page_limit(limit)
         use_fts = bool(search) and self._use_fts(search)
         # With FTS the query runs on the search connection, where argus.db is the schema "argus".
         schema = "argus." if use_fts else ""
         sql = f"SELECT {_CONV_COLS} FROM {schema}conversations c WHERE owner_id = ?"
         args: list = [owner_id]
         if cursor:
-            ts, cid = _decode_cursor(cursor)
+            ts, cid = decode_cursor(cursor)
             # A row-value comparison lets SQLite seek the (owner_id, updated_at, id) index
             # straight to the cursor; the equivalent OR form scans every row before it.
             sql += " AND (updated_at, id) < (?, ?)"
@@ -877,7 +863,7 @@ class SQLiteStore(Store):
             rows = conn.execute(sql, (*args, limit + 1)).fetchall()
         items = [_conv(r) for r in rows[:limit]]
         more = len(rows) > limit
-        return Page(items, _encode_cursor(items[-1].updated_at, items[-1].id) if more else None)
+        return Page(items, encode_cursor(items[-1].updated_at, items[-1].id) if more else None)
 
     def _use_fts(self, text: str) -> bool:
         return self._fts and len(text) >= FTS_MIN_QUERY
@@ -1044,7 +1030,7 @@ class SQLiteStore(Store):
         """The owner's messages whose content contains ``text`` (case-insensitive, every
         character literal; see the module docstring), newest ``created_at`` first, at most
         ``limit`` (clamped to MAX_PAGE; ValueError below 1). An empty ``text`` finds nothing."""
-        limit = _limit(limit)
+        limit = page_limit(limit)
         if not text:
             return []
         use_fts = self._use_fts(text)
@@ -1096,11 +1082,11 @@ class SQLiteStore(Store):
     ) -> Page[Message]:
         """Newest first; ``next_cursor`` pages towards older messages.
         Raises NotFound for a missing/foreign conversation, ValueError for a bad cursor/limit."""
-        limit = _limit(limit)
+        limit = page_limit(limit)
         sql = f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? AND owner_id = ?"
         args: list = [conversation_id, owner_id]
         if cursor:
-            ts, mid = _decode_cursor(cursor)
+            ts, mid = decode_cursor(cursor)
             sql += " AND (created_at, id) < (?, ?)"  # seeks the index; see list_conversations
             args += [ts, mid]
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -1109,7 +1095,7 @@ class SQLiteStore(Store):
             rows = conn.execute(sql, (*args, limit + 1)).fetchall()
         items = [_msg(r) for r in rows[:limit]]
         more = len(rows) > limit
-        return Page(items, _encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
 
     # ---- feedback -------------------------------------------------------
     def set_feedback(self, message_id: str, owner_id: str, value: int, comment: Optional[str] = None) -> Feedback:
