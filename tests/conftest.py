@@ -34,3 +34,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: A syntactically valid bcrypt hash that matches no password (for users that never sign in).
+PLACEHOLDER_HASH = "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot"
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh SQLiteStore in tmp_path (modules needing another store override this fixture)."""
+    from argus.store import SQLiteStore
+
+    s = SQLiteStore(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def alice(store):
+    return store.create_user("alice@example.com", "Alice", PLACEHOLDER_HASH)
+
+
+@pytest.fixture
+def bob(store):
+    return store.create_user("bob@example.com", "Bob", PLACEHOLDER_HASH)

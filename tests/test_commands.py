@@ -19,26 +19,9 @@ from argus.commands import (
 from argus.commands.convs import MAX_PAGE
 from argus.commands.delete import CONFIRM_FIRST, CONFIRM_WINDOW_S
 from argus.commands.select import NOT_FOUND
-from argus.store import NotFound, SQLiteStore
+from argus.store import NotFound
 
 LOCAL = ModelInfo(id="smollm2-135m-test", name="SmolLM2 135M (local)")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def alice(store):
-    return store.create_user("alice@example.com", "Alice", "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot")
-
-
-@pytest.fixture
-def bob(store):
-    return store.create_user("bob@example.com", "Bob", "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot")
 
 
 def ctx_for(store, user, state=None, models=(LOCAL,), page_size=10) -> CommandContext:

@@ -38,11 +38,10 @@ from argus.core import (
     too_long_message,
 )
 from argus.datalayer import KIND_ANSWER, KIND_COMMAND, KIND_KEY, KIND_NOTICE
-from argus.store import SQLiteStore, StoreUnavailable
+from argus.store import StoreUnavailable
 from worker.engine import ModelLoadError, SamplingParams
 
 TIMEOUT = 240.0  # generous: other test runs share the two cores
-HASH = "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot"
 
 
 # ---- fixtures ---------------------------------------------------------------------
@@ -55,23 +54,6 @@ def make_settings(tmp_path, monkeypatch, **overrides) -> Settings:
     base = Settings.from_env(dotenv=False)
     defaults = dict(max_new_tokens=6, messages_per_minute=20, temperature=0.0)
     return dataclasses.replace(base, **{**defaults, **overrides})
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def alice(store):
-    return store.create_user("alice@example.com", "Alice", HASH)
-
-
-@pytest.fixture
-def bob(store):
-    return store.create_user("bob@example.com", "Bob", HASH)
 
 
 @pytest.fixture

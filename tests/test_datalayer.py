@@ -41,31 +41,13 @@ from argus.datalayer import (
     request_token,
     sanitize_metadata,
 )
-from argus.store import NotFound, SQLiteStore
+from argus.store import NotFound
 from worker.engine import ModelLoadError
 
-HASH = "$2b$04$notarealhashnotarealhashnotarealhashnotarealhashnot"
 TIMEOUT = 240.0
 
 
 # ---- fixtures ------------------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def alice(store):
-    return store.create_user("alice@example.com", "Alice", HASH)
-
-
-@pytest.fixture
-def bob(store):
-    return store.create_user("bob@example.com", "Bob", HASH)
-
-
 class Clock:
     def __init__(self):
         self.now = 1000.0
