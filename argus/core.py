@@ -287,6 +287,8 @@ class JarvisArgus:
         #: Each live chat session's state, by Chainlit session id: Chainlit replaces the
         #: user session when it resumes a thread on a reconnect; in-flight work keeps it.
         self._states: "weakref.WeakValueDictionary[str, SessionState]" = weakref.WeakValueDictionary()
+        #: Server-wide objects commands use (CommandContext.services), by name.
+        self.services: dict[str, Any] = {}
 
     def start(self) -> None:
         """Start loading the model in a background thread (returns at once)."""
@@ -563,9 +565,12 @@ class JarvisArgus:
                 pass
         from chainlit.config import config
 
+        user = await asyncio.to_thread(self.store.get_user, user_id)
         ctx = CommandContext(
             store=self.store, user_id=user_id, state=state, models=self._models(),
             root_path=config.run.root_path or "",
+            is_admin=user is not None and user.role == "admin",
+            services=self.services,
         )
         reply = await run_command(ctx, parsed)
         if files is not None:

@@ -114,6 +114,12 @@ class CommandContext:
         files: files to send with the reply (commands append).
         root_path: Chainlit's root path, for links to ``/thread/<id>``.
         clock: UNIX seconds (for confirmations and export times).
+        is_admin: the user's role is "admin" (read from the store for each
+            command, so a demotion takes effect at once); admin-only commands
+            refuse with :data:`ADMIN_ONLY` otherwise.
+        services: server-wide objects commands may need, by name (e.g. the
+            worker daemon's control client, the API-key pool); absent names
+            mean the feature is not configured.
     """
 
     store: Store
@@ -124,6 +130,8 @@ class CommandContext:
     files: list = field(default_factory=list)
     root_path: str = ""
     clock: Callable[[], float] = time.time
+    is_admin: bool = False
+    services: dict = field(default_factory=dict)
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking store call off the event loop."""
@@ -136,6 +144,10 @@ class CommandContext:
             if m.id == self.state.model_id:
                 return m
         return self.models[0] if self.models else None
+
+
+#: The reply of an admin-only command to anyone else.
+ADMIN_ONLY = "Only an administrator can use this command."
 
 
 @dataclass(frozen=True)
