@@ -46,7 +46,10 @@ SAMPLES: dict[str, tuple[dict, str | None]] = {
     "hello": ({"node_id": "node-a", "role": "worker", "version": "0.4.0", "resources": RESOURCES}, None),
     "challenge": ({"nonce": B64_32}, None),
     "challenge_response": ({"signature": B64_64}, None),
-    "join_request": ({"token": "join-3f9c2a7e", "csr_pem": CSR, "resources": RESOURCES}, None),
+    "join_hello": ({}, None),
+    "join_ca": ({"ca_pem": CERT, "admin_node_id": "node-a"}, None),
+    "join_request": ({"token": "join-3f9c2a7e", "csr_pem": CSR, "node_id": "node-c", "address": "10.0.0.7:7801",
+                      "resources": RESOURCES}, None),
     "join_pending": ({}, None),
     "join_approved": ({"certificate_pem": CERT, "ca_pem": CERT, "config": CONFIG}, None),
     "join_rejected": ({"reason": "The join token has expired; ask the admin for a new one."}, None),
@@ -63,15 +66,20 @@ SAMPLES: dict[str, tuple[dict, str | None]] = {
     "inference_response": ({"token_id": 3681, "text": " Paris", "done": False, "finish_reason": None}, "sess-42"),
     "forward": ({"start_pos": 0, "block_range": RANGE}, "sess-42"),
     "forward_result": ({"start_pos": 0, "block_range": RANGE}, "sess-42"),
+    "control": ({"command": "worker_allocate", "args": {"network_id": "net-1", "node_id": "node-b",
+                 "cpu_share": 0.5, "ram_bytes": 2147483648, "disk_bytes": None}}, None),
+    "control_result": ({"result": {"node_id": "node-b", "config_version": 5}}, None),
     "error": ({"code": "not_found", "message": "Session sess-9 is not held by this worker.",
                "request_id": "req-7"}, "sess-9"),
 }
 
 # Who may send what, as the issue states it (the module's table must agree).
 SENDERS = {
-    "hello": {"admin", "worker", "backup"},
-    "challenge": {"admin", "worker", "backup"},
-    "challenge_response": {"admin", "worker", "backup"},
+    "hello": {"admin", "worker", "backup", "control"},
+    "challenge": {"admin", "worker", "backup", "control"},
+    "challenge_response": {"admin", "worker", "backup", "control"},
+    "join_hello": {"joiner"},
+    "join_ca": {"admin"},
     "join_request": {"joiner"},
     "join_pending": {"admin"}, "join_approved": {"admin"}, "join_rejected": {"admin"},
     "heartbeat": {"admin", "worker", "backup"},
@@ -85,9 +93,11 @@ SENDERS = {
     "inference_response": {"worker"},
     "forward": {"admin", "worker"},
     "forward_result": {"worker"},
-    "error": {"admin", "worker", "backup", "joiner"},
+    "control": {"control"},
+    "control_result": {"admin"},
+    "error": {"admin", "worker", "backup", "joiner", "control"},
 }
-ROLES = ("admin", "worker", "backup", "joiner")
+ROLES = ("admin", "worker", "backup", "joiner", "control")
 
 
 def sample(message_type: str, request_id: str = "req-1") -> Message:
@@ -769,7 +779,7 @@ def test_join_messages_carry_real_pki_material():
     token = pki.issue_join_token(ca_key, NET, "[fd00::1]:8765", pki.ca_fingerprint(ca_cert))
     csr = pki.make_csr(pki.new_node_key(), "node-" + "x" * 59, NET).decode()
     req = decode(encode_message(make_message(
-        "join_request", {"token": token, "csr_pem": csr, "resources": RESOURCES}, network_id=NET, timestamp=NOW)))
+        "join_request", {"token": token, "csr_pem": csr, "node_id": "node-b", "address": "127.0.0.1:7802", "resources": RESOURCES}, network_id=NET, timestamp=NOW)))
     assert pki.verify_join_token(req.payload["token"], ca_cert).network_id == NET
     cert = pki.sign_node_certificate(ca_key, ca_cert, req.payload["csr_pem"], "node-" + "x" * 59, "worker")
     ok = decode(encode_message(make_message(

@@ -77,7 +77,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-ROLES = ("admin", "worker", "backup")
+ROLES = ("admin", "worker", "backup", "control")  # "control": only on a daemon's local control CA
 CA_VALIDITY_DAYS = 3650
 NODE_VALIDITY_DAYS = 365
 CRL_VALIDITY_DAYS = 365
@@ -318,6 +318,11 @@ def _load_csr(csr_pem: bytes | str, node_id: str, network_id: str) -> x509.Certi
     if cn != node_id or org != network_id:
         raise InvalidCSR(f"CSR names node {cn!r} in network {org!r}, expected {node_id!r} in {network_id!r}")
     return csr
+
+
+def check_csr(csr_pem: bytes | str, node_id: str, network_id: str) -> None:
+    """Raise InvalidCSR unless ``csr_pem`` is a valid P-256 CSR for ``node_id`` in ``network_id``."""
+    _load_csr(csr_pem, node_id, network_id)
 
 
 def sign_node_certificate(
@@ -982,7 +987,8 @@ def _current_crl(crl: CrlLike, ca_cert: x509.Certificate) -> x509.CertificateRev
 
 
 def server_context(
-    cert_pem: CertLike, key: ec.EllipticCurvePrivateKey | PathLike, ca_pem: CertLike, crl: CrlLike | None = None
+    cert_pem: CertLike, key: ec.EllipticCurvePrivateKey | PathLike, ca_pem: CertLike, crl: CrlLike | None = None,
+    *, allow_joiners: bool = False,
 ) -> ssl.SSLContext:
     """A TLS 1.3 server context that requires a client certificate from the network CA.
 
@@ -991,13 +997,22 @@ def server_context(
     full handshake), and with ``crl`` VERIFY_CRL_CHECK_LEAF. ``key`` is a key or a key
     file path. Call ``peer_identity`` on each accepted connection.
 
+    ``allow_joiners=True`` (a network's listening port) makes the client certificate
+    optional: peers without one can only ask to join.
+
     Raises PKIError (``ca_pem`` not exactly one CA, our cert not issued by it, key
     file problems), InvalidCRL (not signed by the CA, or past its nextUpdate),
     ssl.SSLError (key does not match the certificate: KEY_VALUES_MISMATCH).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 0
-    return _configure(ctx, cert_pem, key, ca_pem, crl)
+    _configure(ctx, cert_pem, key, ca_pem, crl)
+    if allow_joiners:
+        # CERT_OPTIONAL: a certificate, when presented, is still verified in full (a
+        # bad one fails the handshake); a peer that presents none is a joiner, which
+        # the daemon lets send only join_hello / join_request (protocol role table).
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
 
 
 def client_context(
@@ -1012,6 +1027,36 @@ def client_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     return _configure(ctx, cert_pem, key, ca_pem, crl)
+
+
+def joiner_context() -> ssl.SSLContext:
+    """A TLS 1.3 client context for a joiner, which has no certificate and no CA yet.
+
+    The server's certificate is not verified by OpenSSL here (the joiner does not
+    have the CA): the joiner asks for the CA (``join_ca``), accepts it only if its
+    fingerprint equals the one in the join token, and then checks the server's
+    certificate with ``peer_identity(ssl_object, ca_cert=..., expected_role="admin")``
+    before it sends the token. Until then it sends nothing secret.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def sign_data(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA P-256/SHA-256 signature of ``data`` as raw r||s (64 bytes); e.g. the CA
+    signing a network config (``protocol.config_signed_bytes``)."""
+    return _sign_raw(key, data)
+
+
+def verify_data(cert_or_key: CertLike | ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` (r||s, 64 bytes) over ``data`` verifies with the key of
+    ``cert_or_key`` (a certificate or a public key)."""
+    key = cert_or_key if isinstance(cert_or_key, ec.EllipticCurvePublicKey) else _as_cert(cert_or_key).public_key()
+    return _verify_raw(key, signature, data)
 
 
 def peer_identity(

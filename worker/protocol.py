@@ -199,9 +199,13 @@ def check_frame_size(n_bytes: int, kind: FrameKind) -> None:
 
 # --------------------------------------------------------------------------- roles
 
-ADMIN, WORKER, BACKUP, JOINER = "admin", "worker", "backup", "joiner"
+ADMIN, WORKER, BACKUP, JOINER, CONTROL = "admin", "worker", "backup", "joiner", "control"
 MEMBER_ROLES = frozenset({ADMIN, WORKER, BACKUP})  # from the peer's certificate
-ROLES = MEMBER_ROLES | {JOINER}  # JOINER: a peer without a member certificate
+# JOINER: a peer without a member certificate. CONTROL: the chat server (or the
+# ``python -m worker`` CLI) on a daemon's local control endpoint, whose own CA
+# issues only that role; network CAs never issue it.
+ROLES = MEMBER_ROLES | {JOINER, CONTROL}
+AUTHENTICATED_ROLES = MEMBER_ROLES | {CONTROL}  # roles that prove a key in the opening
 
 
 # --------------------------------------------------------------------------- payload schemas
@@ -302,6 +306,20 @@ class Int(Field):
             raise InvalidPayload(f"{where} must be an integer, got {_json_type(value)}")
         if not self.lo <= value <= self.hi:
             raise InvalidPayload(f"{where} must be in {self.lo}..{self.hi}, got {_show(value)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Num(Field):
+    """A finite JSON number (integer or float) in ``lo..hi``."""
+
+    lo: float = 0.0
+    hi: float = float(MAX_JSON_INT)
+
+    def _check(self, value, where):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidPayload(f"{where} must be a number, got {_json_type(value)}")
+        if not self.lo <= value <= self.hi:
+            raise InvalidPayload(f"{where} must be in {self.lo:g}..{self.hi:g}, got {_show(value)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -485,18 +503,59 @@ _SIGNATURE = B64(min_bytes=1, max_bytes=256)  # ECDSA P-256: DER ≤ 72 bytes, r
 _ANY = ROLES
 _MEMBERS = MEMBER_ROLES
 
+_AUTH = AUTHENTICATED_ROLES
+
+# The control endpoint's commands (the chat server → its local daemon): name → args
+# schema. The client sends every key (null where the caller gave none); results are
+# free-form JSON objects described in docs/PROTOCOL.md.
+_NET = Id()
+CONTROL_COMMANDS: dict[str, dict[str, Field]] = {
+    "network_create": {"name": Str(max_len=64), "auto_approve": Bool(nullable=True),
+                       "port": Int(hi=65535, nullable=True)},
+    "network_list": {},
+    "network_discover": {"timeout_ms": Int(lo=1, hi=30_000, nullable=True)},
+    "network_join": {"token": Str(max_len=2048)},
+    "network_leave": {"network_id": _NET},
+    "network_status": {"network_id": _NET},
+    "network_set": {"network_id": _NET, "auto_approve": Bool(nullable=True)},
+    "token_issue": {"network_id": _NET, "ttl_s": Int(lo=1, hi=7 * 86400, nullable=True)},
+    "workers_list": {"network_id": _NET},
+    "worker_approve": {"network_id": _NET, "node_id": Id()},
+    "worker_reject": {"network_id": _NET, "node_id": Id()},
+    "worker_allocate": {"network_id": _NET, "node_id": Id(), "cpu_share": Num(lo=0.0, hi=1.0, nullable=True),
+                        "ram_bytes": Int(nullable=True), "disk_bytes": Int(nullable=True)},
+    "worker_remove": {"network_id": _NET, "node_id": Id()},
+    "events": {"network_id": Id(nullable=True), "limit": Int(lo=1, hi=1000, nullable=True)},
+}
+
+
+def _valid_control(p: dict) -> None:
+    schema = CONTROL_COMMANDS.get(p["command"])
+    if schema is None:
+        raise InvalidPayload(f"control command {_show(p['command'])} is not defined; "
+                             f"known: {', '.join(sorted(CONTROL_COMMANDS))}")
+    check_schema(schema, p["args"], where="args")
+
+
 MESSAGE_TYPES: dict[str, MessageSpec] = {
     # opening of a member connection (see Handshake): hello, a challenge each way, a response each way
-    "hello": MessageSpec(_MEMBERS, {
-        "node_id": Id(), "role": Str(max_len=16, choices=tuple(sorted(MEMBER_ROLES))),
+    "hello": MessageSpec(_AUTH, {
+        "node_id": Id(), "role": Str(max_len=16, choices=tuple(sorted(AUTHENTICATED_ROLES))),
         "version": Str(max_len=64), "resources": FlatObject(),
     }),
-    "challenge": MessageSpec(_MEMBERS, {"nonce": _NONCE}),
-    "challenge_response": MessageSpec(_MEMBERS, {"signature": _SIGNATURE}),
-    # joining: a peer without a member certificate asks the admin for one
+    "challenge": MessageSpec(_AUTH, {"nonce": _NONCE}),
+    "challenge_response": MessageSpec(_AUTH, {"signature": _SIGNATURE}),
+    # joining: a peer without a member certificate first asks for the network CA
+    # (to check it against the fingerprint in its token before revealing the token),
+    # then asks the admin for a certificate
+    "join_hello": MessageSpec(frozenset({JOINER})),
+    "join_ca": MessageSpec(frozenset({ADMIN}), {
+        "ca_pem": Str(max_len=_PEM_MAX, prefix="-----BEGIN CERTIFICATE-----"), "admin_node_id": Id(),
+    }),
     "join_request": MessageSpec(frozenset({JOINER}), {
         "token": Str(max_len=2048),  # pki.issue_join_token: about 300 characters
         "csr_pem": Str(max_len=_PEM_MAX, prefix="-----BEGIN CERTIFICATE REQUEST-----"),
+        "node_id": Id(), "address": Str(max_len=300),  # where the joiner's own network server listens
         "resources": FlatObject(),
     }),
     "join_pending": MessageSpec(frozenset({ADMIN})),
@@ -538,6 +597,11 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
     "forward_result": MessageSpec(frozenset({WORKER}), {
         "start_pos": Int(hi=MAX_POSITION), "block_range": BLOCK_RANGE,
     }, session="required", tensor=True, check=_valid_block_range),
+    # the local control endpoint
+    "control": MessageSpec(frozenset({CONTROL}), {
+        "command": Str(max_len=64), "args": JsonObject(),
+    }, check=_valid_control),
+    "control_result": MessageSpec(frozenset({ADMIN}), {"result": JsonObject()}),
     "error": MessageSpec(_ANY, {
         "code": Str(max_len=64, choices=tuple(ERROR_CODES)), "message": Str(max_len=1024),
         "request_id": Id(nullable=True),
@@ -797,6 +861,16 @@ def error_from_reply(m: Message) -> ProtocolError:
 # --------------------------------------------------------------------------- signed content
 
 
+def b64(data: bytes) -> str:
+    """Standard base64 with padding (RFC 4648 §4), the encoding of B64 fields."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    """Bytes of a B64 field that already passed validation (ValueError otherwise)."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the bytes a signature over a JSON value covers."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -979,11 +1053,13 @@ def decode_frame(frame: Union[str, bytes, bytearray, memoryview], **kw: Any) -> 
 
 # --------------------------------------------------------------------------- connection state
 
-_OPENING_TYPES = frozenset({"hello", "challenge", "challenge_response", "join_request", "join_pending",
+_OPENING_TYPES = frozenset({"hello", "challenge", "challenge_response", "join_hello", "join_ca", "join_request", "join_pending",
                             "join_approved", "join_rejected"})
 # state -> {(sent by initiator?, message_type): next state}
 _HANDSHAKE: dict[str, dict[tuple[bool, str], str]] = {
-    "start": {(True, "hello"): "hello", (True, "join_request"): "joining"},
+    "start": {(True, "hello"): "hello", (True, "join_hello"): "join_hello", (True, "join_request"): "joining"},
+    "join_hello": {(False, "join_ca"): "join_ca"},
+    "join_ca": {(True, "join_request"): "joining"},
     "hello": {(False, "challenge"): "challenged"},
     "challenged": {(True, "challenge"): "challenged_both"},
     "challenged_both": {(True, "challenge_response"): "initiator_proved"},
@@ -1036,14 +1112,14 @@ class Handshake:
 
 
 __all__ = [
-    "ADMIN", "BACKUP", "BLOCK_RANGE", "B64", "Bool", "ClockSkew", "Conflict", "ENVELOPE_FIELDS", "ERROR_CODES",
+    "ADMIN", "AUTHENTICATED_ROLES", "BACKUP", "CONTROL", "CONTROL_COMMANDS", "Num", "BLOCK_RANGE", "B64", "Bool", "ClockSkew", "Conflict", "ENVELOPE_FIELDS", "ERROR_CODES",
     "ERROR_TYPES", "FRAME_LIMITS", "ID_PATTERN", "ID_RULE", "Field", "FlatObject", "FrameTooLarge", "Handshake", "Id", "Int", "IntList",
     "InternalError", "InvalidPayload", "JOINER", "JsonObject", "MAX_CLOCK_SKEW_SECONDS", "MAX_FRAME_BYTES",
     "MAX_ID_CHARS", "MAX_INPUT_IDS", "MAX_JSON_FRAME_BYTES", "MAX_TENSOR_FRAME_BYTES", "MAX_TENSOR_NDIM",
     "MAX_TOTAL_LENGTH", "MEMBER_ROLES", "MESSAGE_TYPES", "MalformedFrame", "Message", "MessageSpec", "NotAuthorized",
     "NotFound", "PROTOCOL_VERSION", "ProtocolError", "ROLES", "Record", "SUBPROTOCOL", "SUPPORTED_VERSIONS", "Str",
     "TENSOR_DTYPES", "TENSOR_MAGIC", "TensorFrame", "UnexpectedMessage", "UnknownMessageType", "UnsupportedVersion",
-    "WEBSOCKET_OPTIONS", "WORKER", "authorize", "block_range_from_wire", "block_range_to_wire", "canonical_json",
+    "WEBSOCKET_OPTIONS", "WORKER", "authorize", "b64", "unb64", "block_range_from_wire", "block_range_to_wire", "canonical_json",
     "check_frame_size", "check_schema", "check_tensor_for", "config_signed_bytes",
     "decode_frame", "decode_message", "decode_tensor", "encode_message", "encode_tensor", "error_from_reply",
     "error_reply", "make_message", "new_request_id", "reply", "tensor_header_size", "validate_payload",

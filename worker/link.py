@@ -1,0 +1,339 @@
+"""One authenticated WebSocket link: framing, the opening handshake, errors (the I/O side).
+
+``worker/protocol.py`` says what may be sent and in which order; this module
+does the sending over a ``websockets`` asyncio connection (websockets ≥ 13,
+``websockets.asyncio``), like that library keeps its ``asyncio/connection.py``
+apart from its sans-I/O ``protocol.py``.
+
+Opening of a member (or control) link, after the TLS 1.3 handshake in which
+both ends presented certificates of the same CA (``worker/pki.py``)::
+
+    client → hello {node_id, role}           must match the client's certificate
+    server → challenge {nonce_s}
+    client → challenge {nonce_c}
+    client → challenge_response {sig_c}      over nonce_s and the connection context
+    server → challenge_response {sig_s}      over nonce_c and the connection context
+
+The context (``pki.challenge_context``) binds both signatures to this
+network, these two certificates and these two nonces, so a response recorded
+on one connection fails on any other (a replay). A peer without a certificate
+(possible only on a network port, ``allow_joiners``) gets a link with role
+``joiner`` and no handshake; the daemon lets it ask to join and nothing else.
+
+Receiving: :meth:`Link.recv` returns only valid, authorized messages; a frame
+that fails (malformed, unknown type, wrong role, wrong order, wrong network)
+is answered with an ``error`` reply and skipped. After
+:data:`MAX_ERRORS_PER_LINK` such frames the link is closed (code 1008).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.exceptions import ConnectionClosed
+
+from worker import pki, protocol
+from worker.protocol import JOINER, Handshake, Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+#: Seconds allowed for the opening (hello … challenge_response) after TLS.
+HANDSHAKE_TIMEOUT_S = 15.0
+#: Frames answered with an error before the link is closed (policy violation).
+MAX_ERRORS_PER_LINK = 1000
+#: WebSocket close code for a policy violation (RFC 6455 §7.4.1).
+CLOSE_POLICY = 1008
+#: The software version sent in ``hello``.
+VERSION = "argus-worker/0.5"
+
+
+class LinkClosed(Exception):
+    """The peer closed the connection (or it broke); ``str()`` says so in words."""
+
+
+class HandshakeFailed(Exception):
+    """The opening failed: wrong or revoked certificate, bad signature, replay, timeout.
+
+    ``str()`` is one sentence for a log or a user; ``code`` is the protocol error code.
+    """
+
+    def __init__(self, message: str, code: str = "not_authorized"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Credentials:
+    """What a node needs to speak on one network (or on a control endpoint).
+
+    ``crl`` is read through ``crl_source`` when given (so a link accepted after a
+    revocation sees the new list), else the fixed ``crl``.
+    """
+
+    network_id: str
+    node_id: str
+    role: str
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    crl: Optional[x509.CertificateRevocationList] = None
+    crl_source: Any = None  # callable () -> CRL | None
+
+    def current_crl(self) -> Optional[x509.CertificateRevocationList]:
+        return self.crl_source() if self.crl_source is not None else self.crl
+
+    @property
+    def fingerprint(self) -> str:
+        return pki.certificate_fingerprint(self.cert)
+
+
+@dataclass
+class Link:
+    """An open connection with its peer's identity (None for a joiner) and role.
+
+    ``network_id`` is the network every message on it must name.
+    """
+
+    ws: Any
+    network_id: str
+    role: str
+    peer: Optional[pki.NodeIdentity]
+    handshake: Handshake
+    errors: int = 0
+    closed_reason: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def peer_node(self) -> Optional[str]:
+        return self.peer.node_id if self.peer is not None else None
+
+    def __post_init__(self) -> None:
+        try:
+            addr = self.ws.remote_address
+        except Exception:  # a closed transport has no address any more
+            addr = None
+        self._remote = (f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}") if addr else "?"
+
+    @property
+    def remote_address(self) -> str:
+        return self._remote
+
+    async def send(self, m: Message) -> None:
+        """Send one message (text frame). Raises LinkClosed if the connection is gone."""
+        self.handshake.sent(m.message_type)
+        try:
+            await self.ws.send(protocol.encode_message(m))
+        except ConnectionClosed as e:
+            raise LinkClosed(_closed_text(self, e)) from None
+
+    async def send_new(self, message_type: str, payload: Optional[dict] = None, **kw: Any) -> Message:
+        """Build, send and return a message on this link's network."""
+        m = protocol.make_message(message_type, payload, network_id=self.network_id, **kw)
+        await self.send(m)
+        return m
+
+    async def reply(self, to: Message, message_type: str, payload: Optional[dict] = None) -> None:
+        await self.send(protocol.reply(to, message_type, payload))
+
+    async def send_error(self, exc: BaseException, request_id: Optional[str] = None) -> None:
+        """Answer with an ``error`` (ProtocolError code and message; anything else → internal)."""
+        try:
+            await self.send(protocol.error_reply(exc, request_id, network_id=self.network_id))
+        except LinkClosed:
+            pass
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            await self.ws.close(code, reason[:120])
+        except Exception:  # already closed or broken: nothing left to do
+            pass
+
+    async def recv(self, timeout: Optional[float] = None) -> Message:
+        """The next valid message this peer may send now.
+
+        Invalid frames are answered with an error and skipped. Raises LinkClosed
+        when the connection ends (or after too many bad frames), and
+        asyncio.TimeoutError after ``timeout`` seconds without a valid message.
+        """
+        async def next_valid() -> Message:
+            while True:
+                try:
+                    frame = await self.ws.recv()
+                except ConnectionClosed as e:
+                    raise LinkClosed(_closed_text(self, e)) from None
+                try:
+                    return self._accept(frame)
+                except ProtocolError as e:
+                    await self._refuse(e)
+
+        if timeout is None:
+            return await next_valid()
+        return await asyncio.wait_for(next_valid(), timeout)
+
+    def _accept(self, frame: Any) -> Message:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            protocol.decode_tensor(frame)  # raises on a malformed one
+            raise protocol.UnexpectedMessage("a tensor frame must follow a forward message on an inference link")
+        m = protocol.decode_message(frame)
+        if m.network_id != self.network_id:
+            raise protocol.NotAuthorized(
+                f"this connection belongs to network {self.network_id}; the message names {m.network_id}",
+                request_id=m.request_id)
+        try:
+            protocol.authorize(m.message_type, self.role)
+            self.handshake.received(m.message_type)
+        except ProtocolError as e:
+            e.request_id = m.request_id
+            raise
+        return m
+
+    async def _refuse(self, e: ProtocolError) -> None:
+        self.errors += 1
+        log.debug("refused a frame from %s: %s", self.remote_address, e)
+        await self.send_error(e)
+        if self.errors >= MAX_ERRORS_PER_LINK:
+            self.closed_reason = f"too many invalid frames ({self.errors})"
+            await self.close(CLOSE_POLICY, "too many invalid frames")
+            raise LinkClosed(f"{self.remote_address} sent {self.errors} invalid frames; connection closed")
+
+
+def _closed_text(link: Link, e: ConnectionClosed) -> str:
+    """Why the connection ended, in words: who closed it and the reason they gave."""
+    who = link.peer_node or "the peer"
+    if e.rcvd is not None:
+        reason = f": {e.rcvd.reason}" if e.rcvd.reason else f" (code {e.rcvd.code})"
+        return f"{who} at {link.remote_address} closed the connection{reason}"
+    return f"the connection to {who} at {link.remote_address} broke"
+
+
+def _ssl_object(ws: Any) -> ssl.SSLObject:
+    obj = ws.transport.get_extra_info("ssl_object")
+    if obj is None:
+        raise HandshakeFailed("the connection is not TLS")
+    return obj
+
+
+def _context(network_id: str, client_fp: str, server_fp: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return pki.challenge_context(network_id, client_fp, server_fp, client_nonce, server_nonce)
+
+
+async def accept(ws: Any, creds: Credentials, nonces: pki.NonceCache, *, resources: Optional[dict] = None) -> Link:
+    """Server side: the identity checks and the opening on an accepted connection.
+
+    Returns a Link whose ``role`` is the peer certificate's role (``joiner`` when
+    the peer presented none; no opening is run then). Raises HandshakeFailed
+    after telling the peer why (an ``error`` reply) and closing with 1008.
+    """
+    ssl_obj = _ssl_object(ws)
+    link = Link(ws, creds.network_id, JOINER, None, Handshake(initiator=False))
+    if not ssl_obj.getpeercert(binary_form=True):
+        return link
+    try:
+        identity = pki.peer_identity(ssl_obj, ca_cert=creds.ca_cert, crl=creds.current_crl())
+        peer_cert = x509.load_der_x509_certificate(ssl_obj.getpeercert(binary_form=True))
+    except pki.PKIError as e:
+        await _fail(link, str(e))
+    link.peer, link.role = identity, identity.role
+    try:
+        hello = await link.recv(HANDSHAKE_TIMEOUT_S)
+        if hello.message_type != "hello":  # the Handshake allows error messages; nothing else
+            await _fail(link, f"expected hello, got {hello.message_type}")
+        if hello.payload["node_id"] != identity.node_id or hello.payload["role"] != identity.role:
+            await _fail(link, f"hello names {hello.payload['node_id']}/{hello.payload['role']} but the certificate "
+                              f"names {identity.node_id}/{identity.role}")
+        link.extra["hello"] = hello.payload
+        server_nonce = pki.make_challenge()
+        await link.send_new("challenge", {"nonce": protocol.b64(server_nonce)})
+        ch = await link.recv(HANDSHAKE_TIMEOUT_S)
+        client_nonce = protocol.unb64(ch.payload["nonce"])
+        resp = await link.recv(HANDSHAKE_TIMEOUT_S)
+        ctx = _context(creds.network_id, identity.fingerprint, creds.fingerprint, client_nonce, server_nonce)
+        try:
+            pki.verify_challenge(peer_cert, server_nonce, ctx, protocol.unb64(resp.payload["signature"]), nonces)
+        except pki.ChallengeFailed as e:
+            await _fail(link, str(e))
+        sig = pki.sign_challenge(creds.key, client_nonce, ctx)
+        await link.send_new("challenge_response", {"signature": protocol.b64(sig)})
+    except asyncio.TimeoutError:
+        await _fail(link, "the opening handshake took too long", code="unexpected_message")
+    except LinkClosed as e:
+        raise HandshakeFailed(str(e), code="unexpected_message") from None
+    return link
+
+
+async def open_link(
+    ws: Any,
+    creds: Credentials,
+    nonces: pki.NonceCache,
+    *,
+    expected_node_id: Optional[str] = None,
+    expected_role: Optional[str] = None,
+    resources: Optional[dict] = None,
+) -> Link:
+    """Client side: check the server's certificate, then run the opening as initiator.
+
+    Raises HandshakeFailed (server not of this CA, revoked, unexpected node or
+    role, bad challenge signature, timeout) after closing the connection.
+    """
+    ssl_obj = _ssl_object(ws)
+    link = Link(ws, creds.network_id, "admin", None, Handshake(initiator=True))
+    try:
+        identity = pki.peer_identity(ssl_obj, ca_cert=creds.ca_cert, crl=creds.current_crl(),
+                                     expected_node_id=expected_node_id, expected_role=expected_role)
+        server_cert = x509.load_der_x509_certificate(ssl_obj.getpeercert(binary_form=True))
+    except pki.PKIError as e:
+        await link.close(CLOSE_POLICY, "server certificate refused")
+        raise HandshakeFailed(f"the server's certificate was refused: {e}") from None
+    link.peer, link.role = identity, identity.role
+    try:
+        await link.send_new("hello", {"node_id": creds.node_id, "role": creds.role, "version": VERSION,
+                                      "resources": resources or {}})
+        ch = await _expect(link, "challenge")
+        server_nonce = protocol.unb64(ch.payload["nonce"])
+        client_nonce = pki.make_challenge()
+        await link.send_new("challenge", {"nonce": protocol.b64(client_nonce)})
+        ctx = _context(creds.network_id, creds.fingerprint, identity.fingerprint, client_nonce, server_nonce)
+        await link.send_new("challenge_response", {"signature": protocol.b64(pki.sign_challenge(creds.key, server_nonce, ctx))})
+        resp = await _expect(link, "challenge_response")
+        try:
+            pki.verify_challenge(server_cert, client_nonce, ctx, protocol.unb64(resp.payload["signature"]), nonces)
+        except pki.ChallengeFailed as e:
+            await link.close(CLOSE_POLICY, "challenge failed")
+            raise HandshakeFailed(f"the server failed the challenge: {e}") from None
+    except asyncio.TimeoutError:
+        await link.close(CLOSE_POLICY, "handshake timeout")
+        raise HandshakeFailed("the server did not finish the opening handshake in time", code="unexpected_message") from None
+    except LinkClosed as e:
+        raise HandshakeFailed(str(e), code="unexpected_message") from None
+    return link
+
+
+async def _expect(link: Link, message_type: str) -> Message:
+    """The next message, which must be ``message_type``; an ``error`` becomes HandshakeFailed."""
+    m = await link.recv(HANDSHAKE_TIMEOUT_S)
+    if m.message_type == "error":
+        await link.close()
+        raise HandshakeFailed(f"refused: {m.payload['message']}", code=m.payload["code"])
+    if m.message_type != message_type:
+        await link.close(CLOSE_POLICY, "unexpected message")
+        raise HandshakeFailed(f"expected {message_type}, got {m.message_type}", code="unexpected_message")
+    return m
+
+
+async def _fail(link: Link, why: str, code: str = "not_authorized") -> None:
+    """Tell the peer (an error reply), close with 1008, raise HandshakeFailed."""
+    exc = protocol.NotAuthorized(why) if code == "not_authorized" else protocol.UnexpectedMessage(why)
+    await link.send_error(exc)
+    await link.close(CLOSE_POLICY, why)
+    raise HandshakeFailed(why, code=code)
+
+
+__all__ = [
+    "CLOSE_POLICY", "Credentials", "HANDSHAKE_TIMEOUT_S", "HandshakeFailed", "Link", "LinkClosed",
+    "MAX_ERRORS_PER_LINK", "VERSION", "accept", "open_link",
+]
