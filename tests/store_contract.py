@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from argus.store.base import NotFound, Store, UserExists
+from argus.store.base import KeyExists, NotFound, Store, UserExists
 
 HASH = "$2b$04$" + "x" * 53  # stand-in: the store never inspects hashes
 TICK = 0.01  # seconds slept where a later timestamp must be strictly later
@@ -641,3 +641,141 @@ class StoreContract:
         store.rename_conversation(c.id, alice.id, "renamed")
         assert titles(store, alice.id, "original") == set()
         assert titles(store, alice.id, "renamed") == {"renamed"}
+
+    # ---- API keys (argus.keys) ----
+    FLASH = "gemini-2.5-flash"
+    DAY = "2025-06-01"
+    T0 = 1_750_000_040.0  # 20 s into a minute (UNIX seconds)
+
+    def test_api_keys_add_get_list_and_duplicates(self, store: Store):
+        env = store.add_api_key("k-env", "gemini", "env", "…aaaa")
+        app = store.add_api_key("k-app", "gemini", "app", "…bbbb", ciphertext=b"\x00sealed\xff")
+        other = store.add_api_key("k-oai", "openai", "app", "…cccc", ciphertext=b"x")
+        assert (env.state, env.source, env.ciphertext, env.cooldown_until, env.requests_total) == ("enabled", "env", None, 0, 0)
+        assert store.get_api_key("k-app").ciphertext == b"\x00sealed\xff"
+        assert store.get_api_key("k-app") == app
+        assert [k.id for k in store.list_api_keys()] == ["k-env", "k-app", "k-oai"]
+        assert [k.id for k in store.list_api_keys("gemini")] == ["k-env", "k-app"]
+        assert store.list_api_keys("anthropic") == []
+        with pytest.raises(KeyExists):
+            store.add_api_key("k-app", "gemini", "app", "…bbbb", ciphertext=b"again")
+        assert store.get_api_key("k-app").ciphertext == b"\x00sealed\xff"
+        with pytest.raises(ValueError):
+            store.add_api_key("k-x", "gemini", "file", "…dddd")
+        with pytest.raises(NotFound):
+            store.get_api_key("nope")
+        store.delete_api_key(other.id)
+        with pytest.raises(NotFound):
+            store.delete_api_key(other.id)
+        assert [k.id for k in store.list_api_keys()] == ["k-env", "k-app"]
+
+    def test_acquire_takes_keys_in_turn_and_counts(self, store: Store):
+        for i in range(3):
+            store.add_api_key(f"k{i}", "gemini", "app", f"…000{i}", ciphertext=b"c")
+        got = [
+            store.acquire_api_key("gemini", self.FLASH, now=self.T0 + i, day=self.DAY).id for i in range(9)
+        ]
+        assert got[:3] == sorted(got[:3]) and got == got[:3] * 3  # strict round robin
+        k0 = store.get_api_key("k0")
+        assert k0.requests_total == 3 and k0.last_used_at == self.T0 + 6
+        w = k0.windows[self.FLASH]
+        assert (w.day, w.day_requests, w.requests) == (self.DAY, 3, 3)
+        assert store.acquire_api_key("openai", "gpt-4o-mini", now=self.T0, day=self.DAY) is None
+
+    def test_acquire_skips_unusable_keys(self, store: Store):
+        store.add_api_key("env-mine", "gemini", "env", "…0001")
+        store.add_api_key("env-other", "gemini", "env", "…0002")  # in another process's environment only
+        store.add_api_key("disabled", "gemini", "app", "…0003", ciphertext=b"c")
+        store.add_api_key("invalid", "gemini", "app", "…0004", ciphertext=b"c")
+        store.add_api_key("cool", "gemini", "app", "…0005", ciphertext=b"c")
+        store.add_api_key("excluded", "gemini", "app", "…0006", ciphertext=b"c")
+        store.set_api_key_state("disabled", "disabled")
+        store.set_api_key_state("invalid", "invalid", error="invalid_key")
+        store.cool_down_api_key("cool", self.T0 + 30, error="rate_limited")
+        take = lambda now: store.acquire_api_key(  # noqa: E731
+            "gemini", self.FLASH, now=now, day=self.DAY, env_ids=["env-mine"], exclude=["excluded"]
+        )
+        assert {take(self.T0).id for _ in range(4)} == {"env-mine"}
+        assert {take(self.T0 + 31).id for _ in range(4)} == {"env-mine", "cool"}  # the cooldown is over
+        assert store.get_api_key("invalid").last_error == "invalid_key"
+        assert store.get_api_key("cool").last_error == "rate_limited"
+
+    def test_cooldown_keeps_the_later_time_and_enabling_ends_it(self, store: Store):
+        store.add_api_key("k", "gemini", "app", "…0001", ciphertext=b"c")
+        assert store.cool_down_api_key("k", self.T0 + 60).cooldown_until == self.T0 + 60
+        assert store.cool_down_api_key("k", self.T0 + 10).cooldown_until == self.T0 + 60
+        assert store.acquire_api_key("gemini", self.FLASH, now=self.T0 + 59, day=self.DAY) is None
+        assert store.acquire_api_key("gemini", self.FLASH, now=self.T0 + 60, day=self.DAY).id == "k"
+        store.cool_down_api_key("k", self.T0 + 999)
+        back = store.set_api_key_state("k", "enabled", error="")
+        assert (back.state, back.cooldown_until) == ("enabled", 0)
+        with pytest.raises(ValueError):
+            store.set_api_key_state("k", "broken")
+        with pytest.raises(NotFound):
+            store.set_api_key_state("nope", "disabled")
+        with pytest.raises(NotFound):
+            store.cool_down_api_key("nope", 1.0)
+
+    def test_acquire_respects_rpm_rpd_and_tpm(self, store: Store):
+        store.add_api_key("k", "gemini", "app", "…0001", ciphertext=b"c")
+        take = lambda now, day=self.DAY, model=self.FLASH, **kw: store.acquire_api_key(  # noqa: E731
+            "gemini", model, now=now, day=day, **kw
+        )
+        assert [bool(take(self.T0, rpm=3)) for _ in range(4)] == [True, True, True, False]
+        assert take(self.T0, model="gemini-2.5-pro", rpm=3) is not None  # limits are per model
+        assert take(self.T0 + 45, rpm=3) is None  # 5 s into the next minute: the burst still weighs 55/60 × 3
+        assert take(self.T0 + 100, rpm=3) is not None  # the minute after that: the burst is out of the window
+        assert take(self.T0 + 200, rpd=5) is not None  # 5th request of the day
+        assert take(self.T0 + 300, rpd=5) is None
+        assert take(self.T0 + 300, day="2025-06-02", rpd=5) is not None  # a new quota day
+        store.record_api_usage(
+            "k", "u1", self.FLASH, now=self.T0 + 400, day="2025-06-02", usage_day="2025-06-02",
+            input_tokens=900, output_tokens=50,
+        )
+        assert take(self.T0 + 401, day="2025-06-02", tpm=1000, tokens=100) is None
+        assert take(self.T0 + 401, day="2025-06-02", tpm=1000, tokens=40) is not None
+
+    def test_usage_is_recorded_per_key_user_model_and_day(self, store: Store):
+        store.add_api_key("k1", "gemini", "app", "…0001", ciphertext=b"c")
+        store.add_api_key("k2", "gemini", "app", "…0002", ciphertext=b"c")
+
+        def use(key, user, model, day, i, o):
+            store.record_api_usage(key, user, model, now=self.T0, day=day, usage_day=day, input_tokens=i, output_tokens=o)
+
+        use("k1", "u1", self.FLASH, "2025-06-01", 10, 5)
+        use("k1", "u1", self.FLASH, "2025-06-01", 1, 2)
+        use("k1", "u2", self.FLASH, "2025-06-01", 7, 0)
+        use("k2", "u1", "gemini-2.5-pro", "2025-06-02", 100, 50)
+        rows = store.list_api_usage()
+        assert [(u.key_id, u.user_id, u.model, u.day, u.requests, u.input_tokens, u.output_tokens) for u in rows] == [
+            ("k1", "u1", self.FLASH, "2025-06-01", 2, 11, 7),
+            ("k1", "u2", self.FLASH, "2025-06-01", 1, 7, 0),
+            ("k2", "u1", "gemini-2.5-pro", "2025-06-02", 1, 100, 50),
+        ]
+        assert [u.key_id for u in store.list_api_usage(since_day="2025-06-02")] == ["k2"]
+        assert [u.user_id for u in store.list_api_usage(key_id="k1")] == ["u1", "u2"]
+        assert [u.key_id for u in store.list_api_usage(user_id="u1")] == ["k1", "k2"]
+        assert store.get_api_key("k1").tokens_total == 25 and store.get_api_key("k2").tokens_total == 150
+        store.delete_api_key("k1")
+        use("k1", "u1", self.FLASH, "2025-06-01", 1, 1)  # deleted meanwhile: the bucket still counts
+        assert store.list_api_usage(key_id="k1")[0].requests == 3
+        with pytest.raises(ValueError):
+            use("k2", "u1", self.FLASH, "2025-06-01", -1, 0)
+
+    def test_racing_acquires_across_instances_share_one_rotation_and_limit(self, store: Store, make_store):
+        """Two server processes on one database: turns and limits are the database's, not a process's."""
+        for i in range(4):
+            store.add_api_key(f"k{i}", "gemini", "app", f"…000{i}", ciphertext=b"c")
+        other = make_store()
+        results = race(
+            12, lambda i: [
+                (store if i % 2 else other).acquire_api_key("gemini", self.FLASH, now=self.T0, day=self.DAY, rpm=10)
+                for _ in range(5)
+            ],
+        )
+        assert all(not isinstance(r, Exception) for r in results), results
+        got = [k.id for r in results for k in r if k is not None]
+        assert len(got) == 40  # 4 keys × 10 per minute, of 60 attempts
+        assert {k: got.count(k) for k in set(got)} == {f"k{i}": 10 for i in range(4)}
+        seqs = [k.last_seq for r in results for k in r if k is not None]
+        assert len(set(seqs)) == len(seqs)  # every request got its own turn

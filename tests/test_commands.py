@@ -63,7 +63,10 @@ def test_parse_command(text, command, expected):
 
 
 def test_registry_and_menu():
-    assert list(COMMANDS) == ["help", "new", "convs", "select", "search", "rename", "export", "delete", "model"]
+    assert list(COMMANDS) == [
+        "help", "new", "convs", "select", "search", "rename", "export", "delete", "model", "network", "workers",
+        "image", "video", "keys",
+    ]
     items = menu()
     assert [i["id"] for i in items] == list(COMMANDS)
     for item in items:  # the shape chainlit.types.CommandDict expects

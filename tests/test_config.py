@@ -111,3 +111,55 @@ def test_the_secret_never_appears_in_repr(monkeypatch):
     s = Settings.from_env(dotenv=False)
     assert s.jwt_secret == "s3cret-value-that-must-not-leak-0123456789"
     assert "s3cret" not in repr(s) and "jwt_secret='<set>'" in repr(s)
+
+
+# ---- remote providers and the API-key pool ----------------------------------------------
+PROVIDER_VARS = (
+    "GEMINI_API_KEYS", "GEMINI_API_KEY", "OPENAI_API_KEYS", "OPENAI_API_KEY", "ANTHROPIC_API_KEYS",
+    "ANTHROPIC_API_KEY", "GEMINI_BASE_URL", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL",
+)
+
+
+@pytest.fixture
+def no_provider_env(monkeypatch):
+    for name in PROVIDER_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_provider_keys_come_from_both_variables_without_repeats_or_placeholders(monkeypatch, no_provider_env):
+    monkeypatch.setenv("GEMINI_API_KEYS", " AIzaOne , AIzaTwo,,AIzaOne ")
+    monkeypatch.setenv("GEMINI_API_KEY", "AIzaThree")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-FAKE-OPENAI-API-KEY")  # what Chainlit's CLI sets when CI=true
+    monkeypatch.setenv("ANTHROPIC_API_KEYS", "sk-ant-a")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1/")
+    s = Settings.from_env(dotenv=False)
+    assert s.api_keys == {"gemini": ("AIzaOne", "AIzaTwo", "AIzaThree"), "anthropic": ("sk-ant-a",)}
+    assert s.base_urls == {"openai": "http://127.0.0.1:11434/v1"}
+    assert (s.api_tier, s.secret_key, s.default_model, s.catalogue_path) == ("free", None, None, None)
+    assert "AIzaOne" not in repr(s) and "sk-ant-a" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("GEMINI_API_KEYS", "AIza with space"),
+        ("OPENAI_API_KEY", '"sk-quoted"'),
+        ("GEMINI_BASE_URL", "ftp://127.0.0.1"),
+        ("ARGUS_API_TIER", "platinum"),
+        ("ARGUS_SECRET_KEY", "too-short-secret"),
+        ("ARGUS_PROVIDER_TIMEOUT_S", "0"),
+    ],
+)
+def test_unusable_provider_settings_name_the_variable_not_the_value(monkeypatch, no_provider_env, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(dotenv=False)
+    assert name in str(info.value)
+    if "KEY" in name:
+        assert value.strip('"') not in str(info.value)
+
+
+def test_the_api_key_secret_never_appears_in_repr(monkeypatch, no_provider_env):
+    monkeypatch.setenv("ARGUS_SECRET_KEY", "x" * 40)
+    s = Settings.from_env(dotenv=False)
+    assert s.secret_key == "x" * 40 and "x" * 40 not in repr(s) and "secret_key='<set>'" in repr(s)

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from daemons import HEARTBEAT_S, start_daemon, wait_for
 from worker import netconfig, pki, protocol
 from worker.control import ControlError, ControlFiles
+from worker.daemon import _mentions_revocation
 from worker.link import Credentials, HandshakeFailed, Link, open_link
 
 
@@ -173,12 +174,16 @@ async def test_admin_creates_network_two_workers_join_and_config_versions_propag
 
     # the admin restarts: it serves the network again from its files and w1 reconnects
     admin.stop()
-    restarted = start_daemon(admin.data_dir, "admin", discovery_port=admin.discovery)
+    restarted = start_daemon(admin.data_dir, "admin", discovery_port=admin.discovery, extra=("--measure-speed",))
     procs_list = list(procs)
     procs_list[0].proc = restarted.proc
     status = await restarted.call("network_status", network_id=nid)
     assert status["network"]["config_version"] == removed["config_version"]
     await wait_for(lambda: _all_online(restarted, nid, 1), timeout=60, what="w1 back online after the restart")
+    # after the restart the revoked certificate is still refused, with the reason in words
+    with pytest.raises(HandshakeFailed, match="revoked") as refusal:
+        await _member_link(_admin_address(restarted, nid), w2_creds, admin.node_id)
+    assert _mentions_revocation(refusal.value)  # what the worker's daemon reads to stop retrying
 
     # w1 leaves: the admin drops it from the member list
     await w1.call("network_leave", network_id=nid)

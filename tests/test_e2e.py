@@ -56,8 +56,11 @@ REPLY_TIMEOUT = 240.0  # includes waiting for the model to finish loading; the 2
 
 
 def _env_names() -> set[str]:
-    """Every ARGUS_* variable the server's code reads (found in its sources, so new ones are covered)."""
-    names = {"JWT_SECRET_KEY"}
+    """Every ARGUS_* variable the server's code reads (found in its sources, so new ones are covered),
+    and the provider API-key variables (blank: no test server may call a real provider)."""
+    from argus.config import API_KEY_VARS
+
+    names = {"JWT_SECRET_KEY", *(v for pair in API_KEY_VARS.values() for v in pair)}  # no provider key leaks in
     for path in [REPO / "app.py", *(REPO / "argus").rglob("*.py"), *(REPO / "worker").rglob("*.py")]:
         names.update(re.findall(r"\bARGUS_[A-Z0-9_]+\b", path.read_text(encoding="utf-8", errors="replace")))
     return names
@@ -340,6 +343,7 @@ async def test_command_menu_is_sent(server):
         _, commands = await chat.wait_for(lambda e: e[0] == "set_commands", 0, 5)
         assert {c["id"] for c in commands} == {
             "help", "new", "convs", "select", "search", "rename", "export", "delete", "model",
+            "keys", "image", "video", "network", "workers",
         }
         (reply,) = replies(await chat.turn("/model"))
         assert "Current model" in reply

@@ -153,9 +153,10 @@ class TestSQLiteStore(StoreContract):
         conn = _db(tmp_path)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_mod.SCHEMA_VERSION,)]
-        assert sqlite_mod.SCHEMA_VERSION == 2
+        assert sqlite_mod.SCHEMA_VERSION == 3
         idx = {r[0]: r[1] for r in conn.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")}
         assert idx["messages_conversation_created"] == "messages"
+        assert idx["api_keys_provider"] == "api_keys" and idx["api_usage_day"] == "api_usage"
         assert idx["conversations_owner_updated"] == "conversations"
         assert idx["feedback_conversation"] == "feedback"
         assert idx["attachments_owner_sha256"] == "attachments" and "attachments_owner" not in idx
@@ -295,7 +296,7 @@ class TestSQLiteStore(StoreContract):
         s.close()
 
         conn = sqlite3.connect(data / "argus.db")
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
         conn.close()
         _check_search(data)
         again = SQLiteStore(data)  # a second open migrates nothing and indexes nothing twice

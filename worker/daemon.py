@@ -353,7 +353,11 @@ class Daemon:
     async def _start_network(self, net: Network, port: Optional[int] = None) -> None:
         """Serve ``net`` on its port (``port`` overrides: 0 picks a free one); start the
         member link on a worker."""
-        ctx = pki.server_context(net.creds.cert, net.creds.key, net.creds.ca_cert, net.crl, allow_joiners=net.is_admin)
+        # The CRL is checked right after the TLS handshake (link.accept → peer_identity with the
+        # network's *current* CRL), not inside OpenSSL: a context's CRL is frozen when it is built,
+        # and an OpenSSL refusal reaches the peer as a bare EOF, while ours tells a revoked node
+        # that it was revoked (so its daemon stops reconnecting) before any message is read.
+        ctx = pki.server_context(net.creds.cert, net.creds.key, net.creds.ca_cert, None, allow_joiners=net.is_admin)
         listen = net.my_port() if port is None else port
         net.server = await serve(lambda ws: self._network_handler(ws, net), self.host, listen, ssl=ctx,
                                  **protocol.WEBSOCKET_OPTIONS)
@@ -432,6 +436,8 @@ class Daemon:
                 await self._serve_peer(net, link)
         except LinkClosed:
             pass
+        except asyncio.TimeoutError:
+            await link.send_error(protocol.UnexpectedMessage("nothing arrived in time; closing the connection"))
         except Exception as e:  # one bad connection must never take the daemon down
             log.exception("connection from %s failed", link.remote_address)
             self.events.write("error", network=net.network_id, node=self.node_id, peer=link.peer_node, message=str(e))
@@ -460,9 +466,9 @@ class Daemon:
                               reason=reason)
             await link.reply(m, "join_rejected", {"reason": reason})
 
-        try:
-            await asyncio.to_thread(net.tokens.redeem, p["token"])
-        except (pki.TokenInvalid, pki.TokenExpired, pki.TokenReused) as e:
+        try:  # the token's signature first (cheap, says nothing), then the request, then spend the token
+            pki.verify_join_token(p["token"], net.creds.ca_cert)
+        except pki.TokenInvalid as e:
             return await reject(str(e))
         try:
             pki.check_csr(p["csr_pem"], node_id, net.network_id)
@@ -470,6 +476,10 @@ class Daemon:
             return await reject(f"the certificate request is not acceptable: {e}")
         if node_id in net.config["members"] or node_id in net.pending:
             return await reject(f"a member named {node_id} already exists in this network")
+        try:
+            await asyncio.to_thread(net.tokens.redeem, p["token"])
+        except (pki.TokenInvalid, pki.TokenExpired, pki.TokenReused) as e:
+            return await reject(str(e))
         pending = PendingJoin(node_id, p["csr_pem"], p["address"], dict(p["resources"]), time.time(),
                               asyncio.get_running_loop().create_future())
         net.pending[node_id] = pending
@@ -622,6 +632,9 @@ class Daemon:
                     break
                 log.warning("network %s: admin refused the link: %s", net.network_id, e)
             except (OSError, LinkClosed, InvalidHandshake, asyncio.TimeoutError, pki.PKIError) as e:
+                if _mentions_revocation(e):  # the admin's TLS layer refused our (revoked) certificate
+                    self._mark_removed(net, f"the admin refused this node's certificate: {e}")
+                    break
                 log.info("network %s: admin at %s unreachable: %s", net.network_id, admin["address"], e)
             finally:
                 net.admin_link = None
@@ -997,7 +1010,8 @@ class Daemon:
                                     "(its CA fingerprint differs); the token was not sent")
             try:
                 pki.peer_identity(ws.transport.get_extra_info("ssl_object"), ca_cert=ca_cert,
-                                  expected_role="admin", expected_network_id=network_id)
+                                  expected_role="admin", expected_network_id=network_id,
+                                  expected_node_id=m.payload["admin_node_id"])
             except pki.PKIError as e:
                 raise NotAuthorized(f"the admin's certificate does not check out: {e}; the token was not sent") from None
             key = pki.new_node_key()
@@ -1044,6 +1058,17 @@ class Daemon:
         await self._start_network(net, port=port)
         self.events.write("member_joined", network=network_id, node=self.node_id, role=ident.role,
                           config_version=signed.version)
+
+
+def _mentions_revocation(exc: BaseException) -> bool:
+    """True when ``exc`` or its causes report a revoked certificate (TLS alert 44,
+    certificate_revoked, RFC 8446 §6.2), as OpenSSL words it."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if "revoked" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _peer(ws: Any) -> str:

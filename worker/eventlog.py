@@ -45,7 +45,8 @@ REDACTED = "[redacted]"
 EVENTS = frozenset({
     "network_created", "join_requested", "join_approved", "join_rejected", "member_joined", "member_left",
     "member_removed", "config_changed", "config_acked", "connection_refused", "error", "daemon_started",
-    "daemon_stopped",
+    "daemon_stopped", "member_connected", "member_disconnected", "admin_connected", "config_applied",
+    "config_refused", "token_issued", "network_left", "speed_measured",
 })
 EVENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 

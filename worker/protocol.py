@@ -1078,7 +1078,9 @@ class Handshake:
     the responder's nonce) → responder ``challenge_response`` (signature over the
     initiator's nonce) → "authenticated". Each side verifies the other's
     signature (``pki.verify_challenge``) before going on; this class only checks
-    the order. Joiners: initiator ``join_request`` → responder
+    the order. Joiners: initiator ``join_hello`` → responder ``join_ca`` (the
+    joiner checks the CA against its token before going on) → initiator
+    ``join_request`` (a joiner may also start with it) → responder
     ``join_pending``* → ``join_approved`` ("joined") or ``join_rejected``
     ("rejected"); nothing follows. ``error`` is allowed in any state and changes
     nothing. Call ``sent``/``received`` for every message; any other order

@@ -7,7 +7,8 @@ as chat messages.
 """
 from __future__ import annotations
 
-from argus.commands import convs, delete, export, help, model, new, rename, search, select
+from argus.commands import convs, delete, export, help, model, network, new, rename, search, select, workers
+from argus.commands import image, keys, video
 from argus.commands.base import (
     Command,
     CommandContext,
@@ -32,6 +33,11 @@ COMMANDS: dict[str, Command] = {
         export.COMMAND,
         delete.COMMAND,
         model.COMMAND,
+        network.COMMAND,
+        workers.COMMAND,
+        image.COMMAND,
+        video.COMMAND,
+        keys.COMMAND,
     )
 }
 

@@ -120,6 +120,12 @@ class CommandContext:
         services: server-wide objects commands may need, by name (e.g. the
             worker daemon's control client, the API-key pool); absent names
             mean the feature is not configured.
+        progress: ``async (text)``: shows (then updates) one progress line in the
+            chat while a long command runs (``/video``); None outside a chat.
+        keep: ``async (request, reply, files) -> None``: stores a command's
+            result in the current conversation (created if needed) as the
+            user's request and an assistant message with ``files`` as its
+            attachments, like uploads (``/image``, ``/video``); None outside a chat.
     """
 
     store: Store
@@ -132,6 +138,8 @@ class CommandContext:
     clock: Callable[[], float] = time.time
     is_admin: bool = False
     services: dict = field(default_factory=dict)
+    progress: Optional[Callable[[str], Awaitable[None]]] = None
+    keep: Optional[Callable[[str, str, Sequence["OutFile"]], Awaitable[None]]] = None
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking store call off the event loop."""
@@ -160,6 +168,8 @@ class Command:
         description: one line for ``/help`` and Chainlit's command menu.
         icon: a lucide icon name for the command menu.
         run: ``async (ctx, args) -> reply markdown``; raises CommandUsageError.
+        conceals: ``(args) -> bool``: the message holds a secret (``/keys add``): the chat
+            handler removes it from the chat before anything else (commands are never stored).
     """
 
     name: str
@@ -167,6 +177,7 @@ class Command:
     description: str
     icon: str
     run: Callable[[CommandContext, str], Awaitable[str]]
+    conceals: Optional[Callable[[str], bool]] = None
 
 
 @dataclass(frozen=True)

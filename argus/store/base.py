@@ -38,11 +38,17 @@ class UserExists(StoreError):
     """A user with this email already exists (emails compare case-insensitively)."""
 
 
+class KeyExists(StoreError):
+    """An API key with this id (the same key of the same provider) is already stored."""
+
+
 #: The values the stores accept; anything else is a ValueError (a caller's bug, not user input).
 USER_ROLES = ("admin", "user")
 MESSAGE_ROLES = ("user", "assistant", "system")
 MESSAGE_STATUSES = ("complete", "stopped", "error")
 MAX_PAGE = 200  # larger ``limit`` values are clamped to this
+KEY_STATES = ("enabled", "disabled", "invalid")
+KEY_SOURCES = ("env", "app")  # from the environment (never stored) or added in the app (stored encrypted)
 
 
 def page_limit(limit: int) -> int:
@@ -152,6 +158,178 @@ class Feedback:
     value: int  # 1 = thumbs up, 0 = thumbs down
     comment: Optional[str]
     created_at: float
+
+
+@dataclass(frozen=True)
+class KeyWindow:
+    """One API key's recent use of one model: the counters its rate limits are checked against.
+
+    Minutes are UNIX minutes (``int(now // 60)``); requests per minute are estimated over a
+    sliding 60 s window from the current and the previous minute's counts (the previous
+    minute weighted by the part of it still inside the window), so a key is not offered a
+    full minute's quota again the instant a minute boundary passes. ``day`` is the quota day
+    ("YYYY-MM-DD" in the provider's reset time zone, chosen by the caller); counts of another
+    day read as zero. Tokens are input + output tokens reported by the provider.
+    """
+
+    minute: int = 0
+    requests: int = 0
+    tokens: int = 0
+    prev_requests: int = 0
+    prev_tokens: int = 0
+    day: str = ""
+    day_requests: int = 0
+    day_tokens: int = 0
+
+    def at(self, now: float, day: str) -> "KeyWindow":
+        """These counters as seen at ``now`` (UNIX seconds) on quota day ``day``."""
+        minute = int(now // 60)
+        if minute == self.minute:
+            cur, prev = (self.requests, self.tokens), (self.prev_requests, self.prev_tokens)
+        elif minute == self.minute + 1:
+            cur, prev = (0, 0), (self.requests, self.tokens)
+        else:
+            cur, prev = (0, 0), (0, 0)
+        same_day = day == self.day
+        return KeyWindow(
+            minute, cur[0], cur[1], prev[0], prev[1], day,
+            self.day_requests if same_day else 0, self.day_tokens if same_day else 0,
+        )
+
+    def per_minute(self, now: float) -> tuple[float, float]:
+        """(requests, tokens) in the 60 s before ``now`` (sliding estimate; call on :meth:`at`'s result)."""
+        weight = 1.0 - (now % 60) / 60.0
+        return self.requests + self.prev_requests * weight, self.tokens + self.prev_tokens * weight
+
+    def fits(
+        self, now: float, day: str, *, rpm: Optional[int], tpm: Optional[int], rpd: Optional[int], tokens: int = 0
+    ) -> bool:
+        """Whether one more request (of about ``tokens`` input tokens) stays within the limits
+        (None = no limit). An idle key always takes a request, however large."""
+        w = self.at(now, day)
+        req_min, tok_min = w.per_minute(now)
+        if rpm is not None and req_min + 1 > rpm:
+            return False
+        if rpd is not None and w.day_requests + 1 > rpd:
+            return False
+        if tpm is not None and tok_min > 0 and tok_min + tokens > tpm:
+            return False
+        return True
+
+    def add(self, now: float, day: str, *, requests: int = 0, tokens: int = 0) -> "KeyWindow":
+        """The counters after ``requests`` requests and ``tokens`` tokens at ``now``."""
+        w = self.at(now, day)
+        return KeyWindow(
+            w.minute, w.requests + requests, w.tokens + tokens, w.prev_requests, w.prev_tokens, w.day,
+            w.day_requests + requests, w.day_tokens + tokens,
+        )
+
+
+def dump_windows(windows: dict) -> str:
+    """``{model: KeyWindow}`` as compact JSON (both stores keep it as text: model ids hold '.')."""
+    return json.dumps({m: list(vars(w).values()) for m, w in sorted(windows.items())}, separators=(",", ":"))
+
+
+def load_windows(text: Optional[str]) -> dict:
+    """Inverse of :func:`dump_windows` (an empty or unreadable value gives ``{}``)."""
+    try:
+        raw = json.loads(text or "{}")
+        return {str(m): KeyWindow(*v) for m, v in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key of a remote model provider, as the key pool keeps it.
+
+    The key itself is never stored in clear: keys added in the app are kept as
+    ``ciphertext`` (AES-256-GCM, ``argus.keys.secretbox``); keys from the environment
+    have no ciphertext (each server process reads them from its own environment) and
+    are stored only for their state and counters.
+
+    Attributes:
+        id: derived from the key by the pool (a keyed digest), so a key is stored once.
+        provider: ``"gemini"``, ``"openai"``, ``"anthropic"``.
+        source: ``"env"`` or ``"app"`` (:data:`KEY_SOURCES`).
+        fingerprint: how the key is shown (never the key).
+        state: ``"enabled"``, ``"disabled"`` (by an admin) or ``"invalid"`` (rejected by
+            the provider) (:data:`KEY_STATES`).
+        created_at: UNIX seconds.
+        ciphertext: app keys only.
+        cooldown_until: UNIX seconds before which the key is not offered (0: none).
+        last_used_at: UNIX seconds of the last request (0: never).
+        last_seq: rotation order: the pool's sequence number of its last request; the key
+            with the lowest number goes next.
+        requests_total, tokens_total: over the key's life.
+        last_error: the kind of the last failure ("" after a success).
+        windows: ``{model id: KeyWindow}``, the rate-limit counters.
+    """
+
+    id: str
+    provider: str
+    source: str
+    fingerprint: str
+    state: str
+    created_at: float
+    ciphertext: Optional[bytes] = field(default=None, repr=False)
+    cooldown_until: float = 0.0
+    last_used_at: float = 0.0
+    last_seq: int = 0
+    requests_total: int = 0
+    tokens_total: int = 0
+    last_error: str = ""
+    windows: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """Requests and tokens of one key, for one user and one model, on one (UTC) day."""
+
+    key_id: str
+    user_id: str
+    model: str
+    day: str  # "YYYY-MM-DD"
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+def pick_api_key(
+    candidates: Sequence[ApiKeyRecord],
+    model: str,
+    *,
+    now: float,
+    day: str,
+    rpm: Optional[int],
+    tpm: Optional[int],
+    rpd: Optional[int],
+    tokens: int,
+    env_ids: Sequence[str],
+    exclude: Sequence[str],
+) -> list[ApiKeyRecord]:
+    """The keys that may take one more request now, best first (lowest ``last_seq``, then id).
+
+    Shared by the stores' :meth:`Store.acquire_api_key`: enabled, not cooling down, not in
+    ``exclude``, an app key or an environment key this process has (``env_ids``), and within
+    the limits for ``model``.
+    """
+    env, skip = set(env_ids), set(exclude)
+    ok = [
+        k for k in candidates
+        if k.state == "enabled" and k.cooldown_until <= now and k.id not in skip
+        and (k.source == "app" or k.id in env)
+        and k.windows.get(model, KeyWindow()).fits(now, day, rpm=rpm, tpm=tpm, rpd=rpd, tokens=tokens)
+    ]
+    return sorted(ok, key=lambda k: (k.last_seq, k.id))
+
+
+def check_api_key_fields(provider: str, source: str, fingerprint: str, key_id: str) -> None:
+    """ValueError unless the fields of a new key record are usable."""
+    if source not in KEY_SOURCES:
+        raise ValueError(f"source must be one of {KEY_SOURCES}, got {source!r}")
+    if not (key_id and provider and fingerprint):
+        raise ValueError("key_id, provider and fingerprint must not be empty")
 
 
 @dataclass(frozen=True)
@@ -319,6 +497,82 @@ class Store(ABC):
         """Remove the record, and its bytes once no other attachment of the owner shares
         them (same sha256). Messages listing its id keep it (``get_attachment`` then
         raises NotFound). NotFound if missing or foreign."""
+
+    # API keys of remote providers (argus.keys) and their usage
+    @abstractmethod
+    def add_api_key(
+        self, key_id: str, provider: str, source: str, fingerprint: str, ciphertext: Optional[bytes] = None
+    ) -> ApiKeyRecord:
+        """Store a new key, enabled, with zero counters. KeyExists if ``key_id`` is stored;
+        ValueError for an unknown source or empty fields."""
+
+    @abstractmethod
+    def get_api_key(self, key_id: str) -> ApiKeyRecord:
+        """NotFound if missing."""
+
+    @abstractmethod
+    def list_api_keys(self, provider: Optional[str] = None) -> list[ApiKeyRecord]:
+        """All keys (of ``provider`` when given), oldest first (an admin listing; small by nature)."""
+
+    @abstractmethod
+    def set_api_key_state(self, key_id: str, state: str, *, error: Optional[str] = None) -> ApiKeyRecord:
+        """Set the state (:data:`KEY_STATES`); ``error`` replaces ``last_error`` when given.
+        Enabling also ends any cooldown. NotFound if missing, ValueError for another state."""
+
+    @abstractmethod
+    def cool_down_api_key(self, key_id: str, until: float, *, error: str = "") -> ApiKeyRecord:
+        """Keep the key out of rotation until ``until`` (UNIX seconds; an existing later
+        cooldown is kept) and record ``error`` as ``last_error``. NotFound if missing."""
+
+    @abstractmethod
+    def delete_api_key(self, key_id: str) -> None:
+        """Delete the key with its counters (its usage buckets stay). NotFound if missing."""
+
+    @abstractmethod
+    def acquire_api_key(
+        self,
+        provider: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        rpm: Optional[int] = None,
+        tpm: Optional[int] = None,
+        rpd: Optional[int] = None,
+        tokens: int = 0,
+        env_ids: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> Optional[ApiKeyRecord]:
+        """Take the next key of ``provider`` for one request to ``model``, atomically over every
+        process sharing the database: the first of :func:`pick_api_key`'s order gets the next
+        rotation number (so keys take turns), ``last_used_at = now``, one more request in its
+        counters for ``model`` (``day``: the quota day) and in ``requests_total``. Returns that
+        record, or None when no key qualifies. ``tokens``: the request's estimated input tokens."""
+
+    @abstractmethod
+    def record_api_usage(
+        self,
+        key_id: str,
+        user_id: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        usage_day: str,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """Count one answered request: tokens into the key's counters for ``model`` (quota day
+        ``day``) and ``tokens_total``, ``last_error`` cleared, and one request with its tokens
+        into the (key, user, model, ``usage_day``) bucket. A key deleted meanwhile only gets
+        the bucket. ValueError for negative counts."""
+
+    @abstractmethod
+    def list_api_usage(
+        self, *, since_day: str = "", key_id: Optional[str] = None, user_id: Optional[str] = None
+    ) -> list[UsageBucket]:
+        """Usage buckets with ``day >= since_day`` (and of ``key_id`` / ``user_id`` when given),
+        ordered by day, key, user, model."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -8,7 +8,11 @@ Collections (one document per record, ``_id`` = the record's id; see docs/STORAG
     files          {_id, owner_id, name, mime, size, sha256, created_at}   one per attachment
     blobs.files / blobs.chunks                                              GridFS: the bytes, _id = attachment id
     feedback       {_id, message_id, conversation_id, owner_id, value, comment, created_at}
-    meta           {_id: "schema", version} and {_id: "user_count", n}
+    api_keys       {_id, provider, source, fingerprint, state, created_at, ciphertext, cooldown_until,
+                    last_used_at, last_seq, requests_total, tokens_total, last_error, windows, v}
+    api_usage      {_id: "<key>|<user>|<model>|<day>", key_id, user_id, model, day, requests,
+                    input_tokens, output_tokens}
+    meta           {_id: "schema", version}, {_id: "user_count", n} and {_id: "key_seq", n}
 
 Messages are separate documents linked by ``conversation_id`` (never an array inside the
 conversation): a conversation grows without bound, MongoDB documents may not (16 MiB), and
@@ -21,6 +25,11 @@ Atomicity without transactions (a standalone server has none):
   ``find_one_and_update``; the insert that takes the count from 0 to 1 is the first user
   and is promoted to admin (when no role was given). The count is reconciled before the first
   operation (``$max`` with the real number of users), so a database filled by other means is safe.
+* API-key rotation (``acquire_api_key``): ``meta.key_seq`` hands out rotation numbers with
+  ``$inc``; the chosen key is then claimed with one ``find_one_and_update`` conditional on the
+  version ``v`` it was read at (and on still being enabled and not cooling down), which also
+  counts the request. A process that loses the race re-reads and picks again, so limits are
+  checked against the counters the update replaces and no request is counted twice.
 * Message times: one pipeline ``find_one_and_update`` on the conversation reserves
   ``created_at = max(now, last_message_at + 1 µs)`` and bumps ``updated_at``, so
   ``created_at`` is strictly increasing within a conversation even with a coarse clock.
@@ -61,9 +70,18 @@ from pymongo import ASCENDING, DESCENDING, TEXT, IndexModel, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .base import (
+    KEY_STATES,
     MESSAGE_ROLES,
     MESSAGE_STATUSES,
     USER_ROLES,
+    ApiKeyRecord,
+    KeyExists,
+    KeyWindow,
+    UsageBucket,
+    check_api_key_fields,
+    dump_windows,
+    load_windows,
+    pick_api_key,
     decode_cursor,
     dump_metadata,
     encode_cursor,
@@ -117,6 +135,12 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "files": [
         IndexModel([("owner_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)], name="owner_created"),
+    ],
+    "api_keys": [
+        IndexModel([("provider", ASCENDING), ("last_seq", ASCENDING), ("_id", ASCENDING)], name="provider_seq"),
+    ],
+    "api_usage": [
+        IndexModel([("day", ASCENDING), ("key_id", ASCENDING)], name="day_key"),
     ],
     "feedback": [
         IndexModel([("message_id", ASCENDING), ("owner_id", ASCENDING)], name="message_owner_unique", unique=True),
@@ -184,6 +208,21 @@ def _att(d: Mapping) -> Attachment:
 
 def _fb(d: Mapping) -> Feedback:
     return Feedback(d["_id"], d["message_id"], d["conversation_id"], d["owner_id"], d["value"], d.get("comment"), d["created_at"])
+
+
+def _key(d: Mapping) -> ApiKeyRecord:
+    ct = d.get("ciphertext")
+    return ApiKeyRecord(
+        d["_id"], d["provider"], d["source"], d["fingerprint"], d["state"], d["created_at"],
+        ciphertext=bytes(ct) if ct is not None else None, cooldown_until=d.get("cooldown_until", 0.0),
+        last_used_at=d.get("last_used_at", 0.0), last_seq=d.get("last_seq", 0),
+        requests_total=d.get("requests_total", 0), tokens_total=d.get("tokens_total", 0),
+        last_error=d.get("last_error", ""), windows=load_windows(d.get("windows")),
+    )
+
+
+#: Attempts of an optimistic key update before giving up (each loses only to another process's success).
+KEY_CAS_ATTEMPTS = 50
 
 
 def _user_doc(u: User) -> dict:
@@ -283,6 +322,8 @@ class MongoStore(Store):
         self.files = db["files"]
         self.feedback = db["feedback"]
         self.meta = db["meta"]
+        self.api_keys = db["api_keys"]
+        self.api_usage = db["api_usage"]
         self._fs = gridfs.GridFS(db, collection=BLOB_BUCKET)  # no I/O until used
         self._ready = False  # _prepare has succeeded (it never needs to run again)
         self._ready_lock = threading.Lock()
@@ -872,6 +913,162 @@ class MongoStore(Store):
             return False
         self._fs.delete(attachment_id)
         return True
+
+    # ---- API keys ---------------------------------------------------------
+    def add_api_key(
+        self, key_id: str, provider: str, source: str, fingerprint: str, ciphertext: Optional[bytes] = None
+    ) -> ApiKeyRecord:
+        """Store a new enabled key. Raises KeyExists, ValueError (see Store.add_api_key)."""
+        check_api_key_fields(provider, source, fingerprint, key_id)
+        rec = ApiKeyRecord(key_id, provider, source, fingerprint, "enabled", self._clock(), ciphertext=ciphertext)
+        doc = {
+            "_id": rec.id, "provider": provider, "source": source, "fingerprint": fingerprint, "state": rec.state,
+            "created_at": rec.created_at, "ciphertext": ciphertext, "cooldown_until": 0.0, "last_used_at": 0.0,
+            "last_seq": 0, "requests_total": 0, "tokens_total": 0, "last_error": "", "windows": "{}", "v": 0,
+        }
+        with self._errors():
+            try:
+                self.api_keys.insert_one(doc)
+            except DuplicateKeyError:
+                raise KeyExists("This key is already in the pool.") from None
+        return rec
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord:
+        with self._errors():
+            doc = self.api_keys.find_one({"_id": key_id})
+        if doc is None:
+            raise NotFound("No such key.")
+        return _key(doc)
+
+    def list_api_keys(self, provider: Optional[str] = None) -> list[ApiKeyRecord]:
+        query = {} if provider is None else {"provider": provider}
+        with self._errors():
+            docs = list(self.api_keys.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)]))
+        return [_key(d) for d in docs]
+
+    def _update_key(self, key_id: str, update: dict) -> ApiKeyRecord:
+        with self._errors():
+            doc = self.api_keys.find_one_and_update(
+                {"_id": key_id}, {**update, "$inc": {"v": 1}}, return_document=ReturnDocument.AFTER
+            )
+        if doc is None:
+            raise NotFound("No such key.")
+        return _key(doc)
+
+    def set_api_key_state(self, key_id: str, state: str, *, error: Optional[str] = None) -> ApiKeyRecord:
+        if state not in KEY_STATES:
+            raise ValueError(f"state must be one of {KEY_STATES}, got {state!r}")
+        fields: dict = {"state": state}
+        if state == "enabled":
+            fields["cooldown_until"] = 0.0
+        if error is not None:
+            fields["last_error"] = error
+        return self._update_key(key_id, {"$set": fields})
+
+    def cool_down_api_key(self, key_id: str, until: float, *, error: str = "") -> ApiKeyRecord:
+        return self._update_key(key_id, {"$max": {"cooldown_until": float(until)}, "$set": {"last_error": error}})
+
+    def delete_api_key(self, key_id: str) -> None:
+        with self._errors():
+            if self.api_keys.delete_one({"_id": key_id}).deleted_count == 0:
+                raise NotFound("No such key.")
+
+    def acquire_api_key(
+        self,
+        provider: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        rpm: Optional[int] = None,
+        tpm: Optional[int] = None,
+        rpd: Optional[int] = None,
+        tokens: int = 0,
+        env_ids: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> Optional[ApiKeyRecord]:
+        """See Store.acquire_api_key and the module docstring (rotation number, then a claim
+        conditional on the version read). Raises StoreUnavailable, also when other processes
+        win :data:`KEY_CAS_ATTEMPTS` races in a row."""
+        with self._errors():
+            seq = self.meta.find_one_and_update(
+                {"_id": "key_seq"}, {"$inc": {"n": 1}}, upsert=True, return_document=ReturnDocument.AFTER
+            )["n"]
+            for _ in range(KEY_CAS_ATTEMPTS):
+                docs = list(self.api_keys.find({"provider": provider, "state": "enabled", "cooldown_until": {"$lte": now}}))
+                versions = {d["_id"]: d.get("v", 0) for d in docs}
+                ranked = pick_api_key(
+                    [_key(d) for d in docs], model, now=now, day=day, rpm=rpm, tpm=tpm, rpd=rpd, tokens=tokens,
+                    env_ids=env_ids, exclude=exclude,
+                )
+                if not ranked:
+                    return None
+                best = ranked[0]
+                windows = {**best.windows, model: best.windows.get(model, KeyWindow()).add(now, day, requests=1)}
+                doc = self.api_keys.find_one_and_update(
+                    {"_id": best.id, "v": versions[best.id], "state": "enabled", "cooldown_until": {"$lte": now}},
+                    {
+                        "$set": {"last_seq": seq, "last_used_at": now, "windows": dump_windows(windows)},
+                        "$inc": {"v": 1, "requests_total": 1},
+                    },
+                    return_document=ReturnDocument.AFTER,
+                )
+                if doc is not None:
+                    return _key(doc)
+        raise StoreUnavailable("storage unavailable: the API-key pool is too busy right now; try again in a moment.")
+
+    def record_api_usage(
+        self,
+        key_id: str,
+        user_id: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        usage_day: str,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError("token counts must not be negative")
+        tokens = input_tokens + output_tokens
+        with self._errors():
+            for _ in range(KEY_CAS_ATTEMPTS):
+                doc = self.api_keys.find_one({"_id": key_id}, {"windows": 1, "v": 1})
+                if doc is None:
+                    break
+                windows = load_windows(doc.get("windows"))
+                windows[model] = windows.get(model, KeyWindow()).add(now, day, tokens=tokens)
+                done = self.api_keys.update_one(
+                    {"_id": key_id, "v": doc.get("v", 0)},
+                    {"$set": {"windows": dump_windows(windows), "last_error": ""}, "$inc": {"v": 1, "tokens_total": tokens}},
+                )
+                if done.matched_count:
+                    break
+            self.api_usage.update_one(
+                {"_id": f"{key_id}|{user_id}|{model}|{usage_day}"},
+                {
+                    "$setOnInsert": {"key_id": key_id, "user_id": user_id, "model": model, "day": usage_day},
+                    "$inc": {"requests": 1, "input_tokens": input_tokens, "output_tokens": output_tokens},
+                },
+                upsert=True,
+            )
+
+    def list_api_usage(
+        self, *, since_day: str = "", key_id: Optional[str] = None, user_id: Optional[str] = None
+    ) -> list[UsageBucket]:
+        query: dict = {"day": {"$gte": since_day}}
+        if key_id is not None:
+            query["key_id"] = key_id
+        if user_id is not None:
+            query["user_id"] = user_id
+        with self._errors():
+            docs = list(self.api_usage.find(query))
+        rows = [
+            UsageBucket(d["key_id"], d["user_id"], d["model"], d["day"], d["requests"], d["input_tokens"], d["output_tokens"])
+            for d in docs
+        ]
+        return sorted(rows, key=lambda u: (u.day, u.key_id, u.user_id, u.model))
 
     # ---- bulk import (argus.store.migrate) ------------------------------
     # Each ``import_*`` writes one record with its id and timestamps preserved and returns

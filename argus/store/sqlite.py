@@ -62,9 +62,18 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import (
+    KEY_STATES,
     MESSAGE_ROLES,
     MESSAGE_STATUSES,
     USER_ROLES,
+    ApiKeyRecord,
+    KeyExists,
+    KeyWindow,
+    UsageBucket,
+    check_api_key_fields,
+    dump_windows,
+    load_windows,
+    pick_api_key,
     decode_cursor,
     dump_metadata,
     encode_cursor,
@@ -151,6 +160,37 @@ _MIGRATIONS: tuple[str, ...] = (
     -- watermark: messages.rowid up to which the index may have read (never below search.db's)
     CREATE TABLE search_meta (epoch INTEGER NOT NULL, pruned INTEGER NOT NULL, watermark INTEGER NOT NULL);
     """,
+    # 3: API keys of remote providers (argus.keys) and their usage per (key, user, model, day).
+    """
+    CREATE TABLE api_keys (
+        id             TEXT PRIMARY KEY,
+        provider       TEXT NOT NULL,
+        source         TEXT NOT NULL CHECK (source IN ('env', 'app')),
+        fingerprint    TEXT NOT NULL,
+        state          TEXT NOT NULL CHECK (state IN ('enabled', 'disabled', 'invalid')),
+        created_at     REAL NOT NULL,
+        ciphertext     BLOB,                        -- app keys: AES-256-GCM, env keys: NULL
+        cooldown_until REAL NOT NULL DEFAULT 0,
+        last_used_at   REAL NOT NULL DEFAULT 0,
+        last_seq       INTEGER NOT NULL DEFAULT 0,  -- rotation order: lowest goes next
+        requests_total INTEGER NOT NULL DEFAULT 0,
+        tokens_total   INTEGER NOT NULL DEFAULT 0,
+        last_error     TEXT NOT NULL DEFAULT '',
+        windows        TEXT NOT NULL DEFAULT '{}'   -- JSON: model -> rate-limit counters
+    );
+    CREATE INDEX api_keys_provider ON api_keys (provider, last_seq, id);
+    CREATE TABLE api_usage (
+        key_id        TEXT NOT NULL,
+        user_id       TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        day           TEXT NOT NULL,                -- UTC, YYYY-MM-DD
+        requests      INTEGER NOT NULL,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        PRIMARY KEY (key_id, user_id, model, day)
+    );
+    CREATE INDEX api_usage_day ON api_usage (day, key_id);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -220,6 +260,11 @@ _CONV_COLS = "id, owner_id, title, model, created_at, updated_at, metadata"
 _MSG_COLS = "id, conversation_id, owner_id, role, content, status, model, created_at, attachment_ids"
 _ATT_COLS = "id, owner_id, name, mime, size, sha256, created_at"
 _FB_COLS = "id, message_id, conversation_id, owner_id, value, comment, created_at"
+_KEY_COLS = (
+    "id, provider, source, fingerprint, state, created_at, ciphertext, cooldown_until, last_used_at, last_seq,"
+    " requests_total, tokens_total, last_error, windows"
+)
+_USAGE_COLS = "key_id, user_id, model, day, requests, input_tokens, output_tokens"
 
 
 def _cols(cols: str, alias: str) -> str:
@@ -293,6 +338,15 @@ def _msg(row: sqlite3.Row) -> Message:
 
 def _att(row: sqlite3.Row) -> Attachment:
     return Attachment(*row)
+
+
+def _key(row: sqlite3.Row) -> ApiKeyRecord:
+    *head, ciphertext, cooldown, used, seq, requests, tokens, error, windows = row
+    return ApiKeyRecord(
+        *head, ciphertext=bytes(ciphertext) if ciphertext is not None else None, cooldown_until=cooldown,
+        last_used_at=used, last_seq=seq, requests_total=requests, tokens_total=tokens, last_error=error,
+        windows=load_windows(windows),
+    )
 
 
 class SQLiteStore(Store):
@@ -1278,3 +1332,152 @@ class SQLiteStore(Store):
         if hashlib.sha256(data).hexdigest() != att.sha256:
             raise StoreUnavailable(f"The file for attachment {att.id} at {path} is damaged (checksum mismatch).")
         return att, data
+
+    # ---- API keys ------------------------------------------------------------------
+    # Every change is one write transaction (BEGIN IMMEDIATE): SQLite's write lock makes the
+    # read-pick-update of acquire_api_key atomic across all processes sharing argus.db.
+    def add_api_key(
+        self, key_id: str, provider: str, source: str, fingerprint: str, ciphertext: Optional[bytes] = None
+    ) -> ApiKeyRecord:
+        """Store a new enabled key. Raises KeyExists, ValueError (see Store.add_api_key)."""
+        check_api_key_fields(provider, source, fingerprint, key_id)
+        rec = ApiKeyRecord(key_id, provider, source, fingerprint, "enabled", self._clock(), ciphertext=ciphertext)
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO api_keys (id, provider, source, fingerprint, state, created_at, ciphertext)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rec.id, rec.provider, rec.source, rec.fingerprint, rec.state, rec.created_at, ciphertext),
+                )
+        except sqlite3.IntegrityError:
+            raise KeyExists("This key is already in the pool.") from None
+        return rec
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord:
+        with self._errors():
+            row = self._conn().execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise NotFound("No such key.")
+        return _key(row)
+
+    def list_api_keys(self, provider: Optional[str] = None) -> list[ApiKeyRecord]:
+        sql, args = f"SELECT {_KEY_COLS} FROM api_keys", ()
+        if provider is not None:
+            sql, args = sql + " WHERE provider = ?", (provider,)
+        with self._errors():
+            rows = self._conn().execute(sql + " ORDER BY created_at, id", args).fetchall()
+        return [_key(r) for r in rows]
+
+    def _update_key(self, key_id: str, assignments: str, args: tuple) -> ApiKeyRecord:
+        with self._write() as conn:
+            cur = conn.execute(f"UPDATE api_keys SET {assignments} WHERE id = ?", (*args, key_id))
+            if cur.rowcount == 0:
+                raise NotFound("No such key.")
+            row = conn.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _key(row)
+
+    def set_api_key_state(self, key_id: str, state: str, *, error: Optional[str] = None) -> ApiKeyRecord:
+        if state not in KEY_STATES:
+            raise ValueError(f"state must be one of {KEY_STATES}, got {state!r}")
+        sets, args = ["state = ?"], [state]
+        if state == "enabled":
+            sets.append("cooldown_until = 0")
+        if error is not None:
+            sets.append("last_error = ?")
+            args.append(error)
+        return self._update_key(key_id, ", ".join(sets), tuple(args))
+
+    def cool_down_api_key(self, key_id: str, until: float, *, error: str = "") -> ApiKeyRecord:
+        return self._update_key(
+            key_id, "cooldown_until = MAX(cooldown_until, ?), last_error = ?", (float(until), error)
+        )
+
+    def delete_api_key(self, key_id: str) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount == 0:
+                raise NotFound("No such key.")
+
+    def acquire_api_key(
+        self,
+        provider: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        rpm: Optional[int] = None,
+        tpm: Optional[int] = None,
+        rpd: Optional[int] = None,
+        tokens: int = 0,
+        env_ids: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> Optional[ApiKeyRecord]:
+        """See Store.acquire_api_key: one write transaction reads the provider's enabled keys,
+        picks (base.pick_api_key), and counts the request."""
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys WHERE provider = ? AND state = 'enabled' AND cooldown_until <= ?"
+                " ORDER BY last_seq, id",
+                (provider, now),
+            ).fetchall()
+            ranked = pick_api_key(
+                [_key(r) for r in rows], model, now=now, day=day, rpm=rpm, tpm=tpm, rpd=rpd, tokens=tokens,
+                env_ids=env_ids, exclude=exclude,
+            )
+            if not ranked:
+                return None
+            best = ranked[0]
+            seq = conn.execute("SELECT COALESCE(MAX(last_seq), 0) + 1 FROM api_keys").fetchone()[0]
+            windows = {**best.windows, model: best.windows.get(model, KeyWindow()).add(now, day, requests=1)}
+            conn.execute(
+                "UPDATE api_keys SET last_seq = ?, last_used_at = ?, requests_total = requests_total + 1, windows = ?"
+                " WHERE id = ?",
+                (seq, now, dump_windows(windows), best.id),
+            )
+        return replace(
+            best, last_seq=seq, last_used_at=now, requests_total=best.requests_total + 1, windows=windows
+        )
+
+    def record_api_usage(
+        self,
+        key_id: str,
+        user_id: str,
+        model: str,
+        *,
+        now: float,
+        day: str,
+        usage_day: str,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError("token counts must not be negative")
+        tokens = input_tokens + output_tokens
+        with self._write() as conn:
+            row = conn.execute("SELECT windows FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is not None:
+                windows = load_windows(row[0])
+                windows[model] = windows.get(model, KeyWindow()).add(now, day, tokens=tokens)
+                conn.execute(
+                    "UPDATE api_keys SET tokens_total = tokens_total + ?, last_error = '', windows = ? WHERE id = ?",
+                    (tokens, dump_windows(windows), key_id),
+                )
+            conn.execute(
+                f"INSERT INTO api_usage ({_USAGE_COLS}) VALUES (?, ?, ?, ?, 1, ?, ?)"
+                " ON CONFLICT (key_id, user_id, model, day) DO UPDATE SET requests = requests + 1,"
+                " input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens",
+                (key_id, user_id, model, usage_day, input_tokens, output_tokens),
+            )
+
+    def list_api_usage(
+        self, *, since_day: str = "", key_id: Optional[str] = None, user_id: Optional[str] = None
+    ) -> list[UsageBucket]:
+        sql, args = f"SELECT {_USAGE_COLS} FROM api_usage WHERE day >= ?", [since_day]
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            args.append(key_id)
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        with self._errors():
+            rows = self._conn().execute(sql + " ORDER BY day, key_id, user_id, model", args).fetchall()
+        return [UsageBucket(*r) for r in rows]

@@ -24,16 +24,20 @@ from .tokenizer import Tokenizer, TokenizerError
 PREFILL_CHUNK = 256
 
 
-def prefill(pipeline: Pipeline, session: str, ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run ``ids`` through ``pipeline`` for ``session`` from position 0 in chunks of ``chunk`` tokens.
+def prefill(
+    pipeline: Pipeline, session: str, ids: Sequence[int], chunk: int = PREFILL_CHUNK, start: int = 0
+) -> np.ndarray:
+    """Run ``ids[start:]`` through ``pipeline`` for ``session`` from position ``start`` in chunks of ``chunk`` tokens.
 
-    Returns the last position's logits [vocab] f32 (identical to one big pass up to
-    f32 summation order).
+    ``start`` > 0 resumes a session whose cache already holds ``ids[:start]``
+    (see ``Pipeline.cached_prefix``); it is capped at ``len(ids) - 1`` so that
+    the last position is computed. Returns the last position's logits [vocab]
+    f32 (identical to one big pass up to f32 summation order).
     """
     arr = np.asarray(ids, dtype=np.int64)
     logits = None
-    for start in range(0, arr.size, chunk):
-        logits = pipeline.forward(session, arr[start : start + chunk], start)[0]
+    for pos in range(max(0, min(start, arr.size - 1)), arr.size, chunk):
+        logits = pipeline.forward(session, arr[pos : pos + chunk], pos)[0]
     return logits
 
 

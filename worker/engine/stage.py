@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from .gguf_file import LlamaConfig, ModelFile
 from .kv_cache import KVCache
 from .ops import rms_norm, rope_rotations, transformer_block
+from .paged_kv import SessionPagedKVCache
 from .shard import BlockRange
+
+#: A session's KV cache: the default contiguous one or the paged one (resumable from disk).
+SessionCache = Union[KVCache, SessionPagedKVCache]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class Stage:
 
     ``forward`` is safe to call from several threads for *different* sessions;
     calls for one session must be sequential (a generation is sequential).
+
+    ``kv_cache(session_id)`` makes the cache of a session on its first use:
+    by default an in-memory :class:`KVCache`; ``SessionStore.open`` gives paged
+    caches that resume sessions saved to disk (see ``paged_kv``).
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class Stage:
         embedding: Optional[np.ndarray] = None,  # [vocab, d] f32, first and (tied) last stage
         output_norm: Optional[np.ndarray] = None,  # [d] f32, last stage
         output: Optional[np.ndarray] = None,  # [vocab, d] f32, last stage
+        kv_cache: Optional[Callable[[str], SessionCache]] = None,  # session id -> its new cache
     ):
         if len(blocks) != len(shard):
             raise ValueError(f"{shard} needs {len(shard)} blocks, got {len(blocks)}")
@@ -71,7 +80,8 @@ class Stage:
             raise ValueError("the last stage needs the output norm and head")
         self.shard, self.cfg, self.blocks = shard, cfg, list(blocks)
         self.embedding, self.output_norm, self.output = embedding, output_norm, output
-        self._sessions: dict[str, KVCache] = {}
+        self._sessions: dict[str, SessionCache] = {}
+        self._new_cache = kv_cache or (lambda session_id: KVCache(len(shard), cfg.n_kv_head, cfg.head_dim))
         self._lock = threading.Lock()
         self._rot = rope_rotations(np.arange(0), cfg.head_dim, cfg.rope_base)  # [positions, hd/2] complex64
 
@@ -84,7 +94,9 @@ class Stage:
         return rot[start:end]
 
     @classmethod
-    def from_model_file(cls, mf: ModelFile, shard: BlockRange) -> "Stage":
+    def from_model_file(
+        cls, mf: ModelFile, shard: BlockRange, kv_cache: Optional[Callable[[str], SessionCache]] = None
+    ) -> "Stage":
         """Load exactly the tensors ``shard`` needs from ``mf`` (dequantized to f32)."""
         cfg = mf.config
         emb = mf.tensor("token_embd.weight") if (shard.is_first or (shard.is_last and cfg.tied_output)) else None
@@ -95,7 +107,7 @@ class Stage:
             shard, cfg, [load_block(mf, i) for i in shard],
             embedding=emb if shard.is_first else None,
             output_norm=mf.tensor("output_norm.weight") if shard.is_last else None,
-            output=out,
+            output=out, kv_cache=kv_cache,
         )
 
     @property
@@ -105,12 +117,25 @@ class Stage:
         return sum(b.nbytes for b in self.blocks) + sum(a.nbytes for a in arrays.values())
 
     # sessions
-    def _cache(self, session_id: str) -> KVCache:
+    def _cache(self, session_id: str) -> SessionCache:
         with self._lock:
             kv = self._sessions.get(session_id)
-            if kv is None:
-                kv = self._sessions[session_id] = KVCache(len(self.shard), self.cfg.n_kv_head, self.cfg.head_dim)
-            return kv
+        if kv is None:  # made outside the lock: it may load a saved session from disk
+            new = self._new_cache(session_id)
+            with self._lock:
+                kv = self._sessions.setdefault(session_id, new)
+        return kv
+
+    def session_cache(self, session_id: str) -> Optional[SessionCache]:
+        """The in-memory cache of ``session_id`` (to save it), or None."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def cached_prefix(self, session_id: str, token_ids: Sequence[int]) -> int:
+        """How many leading ``token_ids`` this stage holds keys/values for in ``session_id``
+        (a saved session is loaded on first use); 0 for caches that do not record token ids."""
+        kv = self._cache(session_id)
+        return kv.matching_prefix(token_ids) if isinstance(kv, SessionPagedKVCache) else 0
 
     def session_length(self, session_id: str) -> int:
         """Cached positions of ``session_id`` (0 if unknown)."""
@@ -127,10 +152,15 @@ class Stage:
             return list(self._sessions)
 
     # compute
-    def forward(self, session_id: str, x: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self, session_id: str, x: np.ndarray, start_pos: int, all_logits: bool = False,
+        token_ids: Optional[Sequence[int]] = None,
+    ) -> np.ndarray:
         """Run this stage for positions ``start_pos .. start_pos+n-1`` of a session.
 
         x: first stage: token ids [n] int; other stages: hidden states [n, d] f32.
+        token_ids: the [n] ids of these positions, recorded by paged caches so a
+        resumed session can be checked (the first stage takes them from ``x``).
         Returns: last stage: logits [1, vocab] f32 for the final position
         ([n, vocab] with ``all_logits``); other stages: hidden states [n, d] f32.
         ``start_pos`` below the cached length rewinds the session to it.
@@ -144,6 +174,7 @@ class Stage:
             if x.size == 0 or x.min() < 0 or x.max() >= self.embedding.shape[0]:
                 raise ValueError("token ids must be non-empty and within the vocabulary")
             h = self.embedding[x]  # [n, d]
+            token_ids = x if token_ids is None else token_ids
         else:
             h = np.asarray(x, dtype=np.float32)
             if h.ndim != 2 or h.shape[1] != cfg.d_model:
@@ -153,7 +184,10 @@ class Stage:
         rot = self._rotations(start_pos, start_pos + n)
         for j, w in enumerate(self.blocks):
             h = transformer_block(h, w, cfg, rot, kv, j, start_pos)
-        kv.commit(start_pos + n)
+        if isinstance(kv, SessionPagedKVCache):
+            kv.commit(start_pos + n, token_ids)
+        else:
+            kv.commit(start_pos + n)
         if not self.shard.is_last:
             return h
         h = rms_norm(h if all_logits else h[-1:], self.output_norm, cfg.norm_eps)
@@ -184,8 +218,12 @@ class Pipeline:
         """ids [n] int -> logits [1, vocab] f32 (or [n, vocab] with ``all_logits``)."""
         x = ids
         for s in self.stages:
-            x = s.forward(session_id, x, start_pos, all_logits=all_logits)
+            x = s.forward(session_id, x, start_pos, all_logits=all_logits, token_ids=ids)
         return x
+
+    def cached_prefix(self, session_id: str, ids: Sequence[int]) -> int:
+        """Leading ``ids`` every stage holds keys/values for: where a resumed session's prefill starts."""
+        return min(s.cached_prefix(session_id, ids) for s in self.stages)
 
     def drop_session(self, session_id: str) -> None:
         for s in self.stages:

@@ -1,0 +1,74 @@
+"""Which worker network the chat server uses: ``/network use <id>``, kept server-wide.
+
+The choice is one small JSON file, ``<ARGUS_DATA_DIR>/cluster.json``
+(``{"network_id": "..."}``), written atomically (temporary file, fsync,
+rename) with owner-only permissions, so every chat session, every server
+process on this data directory and a restart all see the same network. The
+cluster provider reads it with :func:`current_network`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+#: The file, inside ARGUS_DATA_DIR, holding the network in use.
+CHOICE_FILE = "cluster.json"
+
+
+class NetworkChoice:
+    """The network the chat uses, read from and written to ``data_dir/cluster.json``.
+
+    Args:
+        data_dir: the chat server's data directory (``Settings.data_dir``).
+    """
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / CHOICE_FILE
+
+    def current_network(self) -> Optional[str]:
+        """The network id chosen with ``/network use``, or None (never chosen, or
+        the file is unreadable: logged, and treated as no choice)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return None
+        value = data.get("network_id") if isinstance(data, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    def use(self, network_id: Optional[str]) -> None:
+        """Make ``network_id`` the network in use (None: no choice). Blocking (fsync).
+
+        Raises:
+            OSError: the data directory is not writable.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"network_id": network_id}).encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=".cluster-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # mkstemp makes it 0600 already; keep it so explicitly
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+
+def current_network(data_dir: Path) -> Optional[str]:
+    """The network the chat uses (``/network use``) for the server whose data directory
+    is ``data_dir``, or None when none was chosen."""
+    return NetworkChoice(data_dir).current_network()
