@@ -80,8 +80,8 @@ def start_daemon(data_dir: Path, name: str, *, discovery_targets: Optional[str] 
     args = [sys.executable, "-m", "worker", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
             "--control-port", "0", "--discovery-port", str(port), "--heartbeat-s", str(HEARTBEAT_S),
             "--log-level", "DEBUG"]
-    if discovery_targets:
-        args += ["--discovery-target", discovery_targets]
+    # /network discover never leaves this machine in tests: without a target given, it asks its own port
+    args += ["--discovery-target", discovery_targets or f"127.0.0.1:{port}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     endpoint = data_dir / "control" / "endpoint.json"
     if endpoint.exists():
