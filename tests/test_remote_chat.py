@@ -69,6 +69,10 @@ class RemoteChat(Chat):
 async def remote_argus(tmp_path, monkeypatch, store, local_model, gemini_fake):
     """``make(*behaviours, **settings)`` → (a started JarvisArgus whose environment holds one
     Gemini key per behaviour, pointed at the fake; the keys)."""
+    from chainlit.config import FILES_DIRECTORY
+
+    # an in-process Chainlit app shut down by an earlier test removes this directory (server.py lifespan)
+    FILES_DIRECTORY.mkdir(parents=True, exist_ok=True)
     made: list[JarvisArgus] = []
 
     def make(*behaviours: str, **overrides) -> tuple[JarvisArgus, list[str]]:
