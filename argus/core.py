@@ -39,6 +39,10 @@ it. This module owns:
   the fallback when no key can answer (said in the chat); administrators' chats
   are told when a provider rejects a key; a command whose arguments hold a
   secret (``/keys add``) is removed from the chat before anything else;
+* the worker network (``argus.providers.cluster``): while a network is chosen
+  with ``/network use`` it is the default model ("SmolLM2 on network <name>"),
+  one session per conversation on the workers, streamed like a remote model,
+  the local model answering instead (said in the chat) when it cannot start;
 * sign-in (``password_auth``); the client address and the 429 "too many
   attempts" answer come from ``argus.signup``'s guarded ``/login`` route.
 
@@ -91,6 +95,7 @@ from argus.streaming import StreamHandle, StreamResult, stream_async_pieces, str
 from argus.catalogue import ModelSpec
 from argus.keys import Failover, Lease
 from argus.providers import ProviderError
+from argus.providers.cluster import ClusterProvider, is_cluster_model
 from argus.remote import Remote, estimate_tokens
 from argus.uploads import UploadCheck, check_files
 from worker.control import ControlClient
@@ -254,6 +259,26 @@ class _Progress:
                 log.debug("could not remove the progress line", exc_info=True)
 
 
+class _TaskBoard:
+    """One Chainlit task list in the chat (``services["task_board"]``, used by ``/workers
+    rebalance``): :meth:`show` sends it, then updates it in place."""
+
+    def __init__(self) -> None:
+        self._list: Optional[cl.TaskList] = None
+
+    async def show(self, status: str, tasks: Sequence[tuple[str, str]]) -> None:
+        """Show ``tasks`` (``(title, state)``, state one of ``ready``, ``running``, ``done``,
+        ``failed``) under the overall ``status`` line."""
+        try:
+            if self._list is None:
+                self._list = cl.TaskList()
+            self._list.status = status
+            self._list.tasks = [cl.Task(title=title, status=cl.TaskStatus(state)) for title, state in tasks]
+            await self._list.send()
+        except Exception:  # progress is a courtesy: never fail the command for it
+            log.debug("could not show the task list", exc_info=True)
+
+
 # ---------------------------------------------------------------------------
 # The model, loaded once in the background.
 # ---------------------------------------------------------------------------
@@ -375,6 +400,10 @@ class JarvisArgus:
         #: /network and /workers: the local worker daemon, and the network the chat uses.
         self.services["daemon"] = ControlClient(settings.worker_data_dir)
         self.services["network_choice"] = NetworkChoice(settings.data_dir)
+        #: /workers rebalance shows the distribution of blocks as a task list in the chat.
+        self.services["task_board"] = _TaskBoard
+        #: The network chosen with /network use, as a chat model (the default while one is chosen).
+        self.cluster = ClusterProvider(settings, self.store, self.services, loaded_model=self.model.loaded)
 
     def start(self) -> None:
         """Start loading the model in a background thread (returns at once)."""
@@ -501,20 +530,27 @@ class JarvisArgus:
         await cl.Message(content=content, id=id, metadata={KIND_KEY: kind}, elements=elements).send()
 
     async def _models(self) -> list[ModelInfo]:
-        """The chat models users may pick, the default first: the local model, and the
-        catalogue's chat models that have a usable key."""
+        """The chat models users may pick, the default first: the worker network chosen with
+        ``/network use`` (when one is), the local model, and the catalogue's chat models that
+        have a usable key."""
         local = self.model.info()
         remote = [ModelInfo(id=m.id, name=f"{m.label} ({m.provider})") for m in await self.remote.chat_models()]
         default = await self.remote.default_model()
         models = [local, *remote]
         first = next((m for m in models if default is not None and m.id == default.id), local)
-        return [first, *(m for m in models if m is not first)]
+        cluster = await self.cluster.spec()
+        head = [ModelInfo(id=cluster.id, name=cluster.label)] if cluster is not None else []
+        return [*head, first, *(m for m in models if m is not first)]
 
     async def _chosen_model(self, state: SessionState) -> Optional[ModelSpec]:
-        """The catalogue chat model this session answers with, or None for the local model."""
+        """The catalogue chat model or worker network this session answers with, or None for
+        the local model. A worker-network choice follows ``/network use`` (none chosen any
+        more: the local model)."""
         if state.model_id:
+            if is_cluster_model(state.model_id):
+                return await self.cluster.spec()
             return self.remote.spec(state.model_id)  # a stale remote choice falls back when it is served
-        return await self.remote.default_model()
+        return await self.cluster.spec() or await self.remote.default_model()
 
     async def _send_model_settings(self, state: SessionState) -> None:
         """Show the model picker in the composer's chat settings (Chainlit's ``ChatSettings``)."""
@@ -796,6 +832,10 @@ class JarvisArgus:
     # ---- chat ----------------------------------------------------------------
     def _model_id_now(self, state: SessionState) -> str:
         """The id to record for this session's model, without waiting for the load."""
+        if state.model_id is None or is_cluster_model(state.model_id):
+            cluster_id = self.cluster.model_id_now()
+            if cluster_id is not None:
+                return cluster_id
         spec = self.remote.spec(state.model_id)
         if spec is not None:
             return spec.id
@@ -919,7 +959,8 @@ class JarvisArgus:
         async with state.busy:  # answers of one session come one after the other, in order
             spec = await self._chosen_model(state)
             if spec is not None:
-                why = await self._answer_remote(spec, turn, state)
+                answer = self._answer_cluster if is_cluster_model(spec.id) else self._answer_remote
+                why = await answer(spec, turn, state)
                 if why is None:
                     return
                 await self._say(fallback_notice(spec, why))  # no key could answer: the local model does
@@ -1107,12 +1148,61 @@ class JarvisArgus:
                     return str(error)
                 return f"no {spec.provider} API key can take a request right now (busy, over its limits or disabled)"
         assert result is not None
+        await self._show_answer(turn, state, msg, result, error, spec.id, cancelled)
+        return None
+
+    async def _answer_cluster(self, spec: ModelSpec, turn: Turn, state: SessionState) -> Optional[str]:
+        """Answer ``turn`` on the worker network ``spec`` names (``argus.providers.cluster``).
+
+        The conversation is one session on the workers (its KV caches stay between answers,
+        so only new tokens are computed); the answer streams into the chat like a remote
+        model's (``stream_async_pieces``; the stop button keeps the partial text and the
+        daemon is told to stop). A failure after text was shown keeps that text, marks it
+        (:data:`INTERRUPTED_MARK`) and offers a Retry button; a message too long for the
+        model is answered with that sentence; the usage is recorded.
+
+        Returns None once the answer is shown and stored; otherwise, when the network could
+        not start an answer (no daemon, blocks not loaded, …), the reason (nothing is shown
+        or stored: the local model answers). Re-raises ``CancelledError`` after storing what
+        was streamed.
+        """
+        history = await self._history(turn.conv_id, turn.user_id, upto=turn.message_id)
+        if not history:
+            return "the message to answer was not found"
+        stream = self.cluster.stream_chat(spec, history, turn.conv_id)
+        handle = StreamHandle()
+        state.stream = handle
+        msg = cl.Message(content="", id=turn.step_id, metadata={KIND_KEY: KIND_ANSWER})
+        try:
+            result = await stream_async_pieces(stream, msg.stream_token, handle)
+        finally:
+            if state.stream is handle:
+                state.stream = None
+        error = result.error if isinstance(result.error, ProviderError) else None
+        cancelled = result.task_cancelled
+        if not cancelled and result.status == "error" and not result.pieces and not result.sink_failed:
+            if error is None or error.kind != "bad_request":
+                return str(result.error) or "the worker network failed"
+        if result.pieces or result.status == "complete":
+            _, again = await _unstoppable(self.cluster.record_usage(spec, stream, turn.user_id))
+            cancelled = cancelled or again
+        await self._show_answer(turn, state, msg, result, error, spec.id, cancelled, notice=stream.notice)
+        return None
+
+    async def _show_answer(
+        self, turn: Turn, state: SessionState, msg: cl.Message, result: StreamResult, error: Optional[ProviderError],
+        model_id: str, cancelled: bool, *, notice: Optional[str] = None,
+    ) -> None:
+        """Store and show an answer streamed from a remote model or a worker network: complete,
+        stopped (marked), cut off by ``error`` (text kept, marked, a Retry button), refused
+        (``error``'s sentence is the answer) or lost by the browser. ``notice``: a note shown
+        after it. Re-raises ``CancelledError`` when ``cancelled`` or stopped while storing."""
         text, status, actions = result.text, result.status, []
         if status == "error" and result.sink_failed:
             log.error("sending the answer to the browser failed (conversation %s)", turn.conv_id, exc_info=result.error)
             stored = shown = f"{text}\n\n{GENERATION_FAILED}" if text.strip() else GENERATION_FAILED
         elif status == "error" and result.pieces:  # cut off mid-stream: keep the text, offer a retry
-            log.warning("%s answer cut off (conversation %s): %s", spec.id, turn.conv_id, error.detail if error else "")
+            log.warning("%s answer cut off (conversation %s): %s", model_id, turn.conv_id, error.detail if error else "")
             stored = shown = f"{text}\n\n{INTERRUPTED_MARK}"
             actions = [cl.Action(name=RETRY_ACTION, payload={"message_id": turn.message_id}, label="Retry", icon="refresh-cw")]
         elif status == "error":  # refused: blocked or a bad request; the provider's sentence is the answer
@@ -1121,13 +1211,12 @@ class JarvisArgus:
             stored, shown = text, (f"{text}\n\n{STOPPED_MARK}" if text.strip() else STOPPED_MARK)
         else:
             stored, shown = text, (text if text.strip() else EMPTY_ANSWER)
-        notice = None
         try:
-            _, again = await _unstoppable(self._record_answer(turn, state, stored, status, spec.id))
+            _, again = await _unstoppable(self._record_answer(turn, state, stored, status, model_id))
             cancelled = cancelled or again
         except StoreError:
             log.exception("could not store the answer")
-            notice = "The answer could not be saved."
+            notice = (notice + " " if notice else "") + "The answer could not be saved."
         msg.content = shown
         msg.actions = actions
         try:
@@ -1140,7 +1229,6 @@ class JarvisArgus:
             log.warning("could not show the answer either (the browser is likely gone)", exc_info=True)
         if cancelled:
             raise asyncio.CancelledError()
-        return None
 
     async def on_retry(self, action: Any) -> None:
         """The Retry button of an interrupted answer: answer the same message again (a new

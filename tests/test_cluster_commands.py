@@ -64,7 +64,11 @@ class CannedDaemon:
     it refuses arguments the protocol does not define for the command."""
 
     def __init__(self, **replies):
-        self.replies = {"network_list": {"node_id": "admin-node", "networks": [net()]}, **replies}
+        self.replies = {
+            "network_list": {"node_id": "admin-node", "networks": [net()]},
+            "distribution_status": {"epoch": 1, "ready": True, "workers": []},
+            **replies,
+        }
         self.calls: list[tuple[str, dict]] = []
 
     async def call(self, command: str, **args):
@@ -108,6 +112,7 @@ async def test_help_lists_network_and_workers(store, alice):
     "/network", "/network list", "/network create lab", "/network token", "/network token lab1 15m",
     "/network join abc", "/network use lab1", "/network leave lab1", "/workers list",
     "/workers approve pi-4", "/workers allocate pi-4 cpu=50%", "/workers remove pi-4 confirm",
+    "/workers plan", "/workers rebalance", "/workers blocks", "/network sessions", "/network sessions drop lab1.x",
 ])
 async def test_non_admins_are_refused_before_the_daemon_is_asked(store, bob, text):
     daemon = CannedDaemon(token_issue={"token": "SECRET-TOKEN", "expires_at": NOW + 900, "network_id": "lab1"})
@@ -440,3 +445,226 @@ def test_the_chat_server_has_the_daemon_client_and_the_network_choice(store, mon
     assert isinstance(argus.services["daemon"], ControlClient)
     NetworkChoice(tmp_path).use("lab1")
     assert argus.services["network_choice"].current_network() == "lab1"
+
+
+# ---- issue 6: /workers plan | rebalance | blocks, /network sessions --------------------------
+MiB = 1024**2
+NOTE = "old-laptop gets no blocks: its 256 MiB allocation cannot hold one block with its KV cache."
+PLACEMENT = {
+    "model_id": "smollm2-135M-32c0b8179c87", "epoch": 2, "block_count": 30,
+    "assignments": [
+        {"node_id": "admin-node", "start": 0, "end": 14, "holds_embedding": True, "holds_head": False, "bytes": 400 * MiB},
+        {"node_id": "pi-4", "start": 14, "end": 30, "holds_embedding": False, "holds_head": True, "bytes": 450 * MiB},
+    ],
+    "unused": ["old-laptop"], "notes": [NOTE],
+}
+PLAN = {"epoch": 2, "current_epoch": 1, "changes": True, "placement": PLACEMENT, "rows": [], "notes": [NOTE]}
+
+
+def transfer(node, blocks, state, sent=0, total=0, message=""):
+    return {"node_id": node, "block_range": blocks, "state": state, "sent_bytes": sent, "total_bytes": total,
+            "message": message}
+
+
+def statuses(*steps):
+    """A distribution_status reply that moves through ``steps`` (lists of transfers), then stays at the last."""
+    seen = []
+
+    def reply(network_id):
+        step = steps[min(len(seen), len(steps) - 1)]
+        seen.append(network_id)
+        return {"epoch": 2, "ready": all(w["state"] in ("loaded", "local") for w in step), "workers": step}
+
+    return reply
+
+
+class Board:
+    """Records what ``/workers rebalance`` shows in the chat's task list."""
+
+    shown: list = []
+
+    def __init__(self):
+        Board.shown = []
+
+    async def show(self, status, tasks):
+        Board.shown.append((status, list(tasks)))
+
+
+@pytest.fixture
+def fast_polls(monkeypatch):
+    from argus.commands import workers
+
+    monkeypatch.setattr(workers, "POLL_S", 0.0)
+
+
+async def test_workers_plan_is_a_table_of_ranges_memory_and_extras_with_the_notes(store, alice):
+    daemon = CannedDaemon(placement_plan=PLAN)
+    reply = await run(make_ctx(store, alice, daemon), "/workers plan")
+    assert daemon.calls[-1] == ("placement_plan", {"network_id": "lab1"})
+    assert "| Node | Blocks | Count | Memory | Embedding / head |" in reply
+    assert "| `admin-node` | 0-13 | 14 | 400 MiB | embedding |" in reply
+    assert "| `pi-4` | 14-29 | 16 | 450 MiB | head |" in reply
+    assert "| `old-laptop` | none | 0 | — | — |" in reply
+    assert reply.count("old-laptop gets no blocks") == 1  # the daemon's notes and the placement's, once
+    assert "epoch 2" in reply and "epoch 1" in reply and "`/workers rebalance`" in reply
+
+
+async def test_workers_plan_without_changes_says_so(store, alice):
+    daemon = CannedDaemon(placement_plan={**PLAN, "changes": False, "current_epoch": 2})
+    reply = await run(make_ctx(store, alice, daemon), "/workers plan lab1")
+    assert "This is the placement in use" in reply
+
+
+async def test_workers_plan_shortage_is_the_daemons_sentence(store, alice):
+    shortage = "The allocations hold 512 MiB but the model needs 1.1 GiB; give the workers 600 MiB more RAM with /workers allocate"
+    daemon = CannedDaemon(placement_plan=ControlError("conflict", shortage))
+    assert await run(make_ctx(store, alice, daemon), "/workers plan") == shortage + "."
+
+
+async def test_rebalance_applies_then_shows_the_transfers_until_ready(store, alice, tmp_path, fast_polls):
+    daemon = CannedDaemon(
+        placement_apply={**PLAN, "config_version": 5},
+        distribution_status=statuses(
+            [transfer("admin-node", "0-13", "local"), transfer("pi-4", "14-29", "need", 0, int(40.1 * MiB))],
+            [transfer("admin-node", "0-13", "local"), transfer("pi-4", "14-29", "receiving", int(12.3 * MiB), int(40.1 * MiB))],
+            [transfer("admin-node", "0-13", "loaded"), transfer("pi-4", "14-29", "verified", int(40.1 * MiB), int(40.1 * MiB))],
+            [transfer("admin-node", "0-13", "loaded"), transfer("pi-4", "14-29", "loaded", int(40.1 * MiB), int(40.1 * MiB))],
+        ),
+    )
+    ctx = make_ctx(store, alice, daemon, data_dir=tmp_path)
+    ctx.services["task_board"] = Board
+    reply = await run(ctx, "/workers rebalance")
+    assert daemon.commands()[:2] == ["network_list", "placement_apply"]
+    assert daemon.commands().count("distribution_status") == 4
+    titles = [dict(tasks) for _, tasks in Board.shown]
+    assert titles[0] == {"admin-node: blocks 0-13, already on this machine": "done",
+                         "pi-4: blocks 14-29, 40.1 MiB waiting to be sent": "ready"}
+    assert titles[1]["pi-4: blocks 14-29, 12.3/40.1 MiB (30%)"] == "running"
+    assert titles[2]["pi-4: blocks 14-29, received and checked, loading"] == "running"
+    assert Board.shown[-1] == ("Ready", [("admin-node: blocks 0-13, loaded", "done"), ("pi-4: blocks 14-29, loaded", "done")])
+    assert Board.shown[0][0].startswith("Sending the blocks of epoch 2")
+    assert "**Home lab** (`lab1`) is ready" in reply and "`/network use lab1`" in reply
+    assert "| `pi-4` | 14-29 | loaded | 40.1 MiB of 40.1 MiB |" in reply and "| `admin-node` | 0-13 | loaded | — |" in reply
+    NetworkChoice(tmp_path).use("lab1")
+    again = await run(ctx, "/workers rebalance")
+    assert "The chat uses it already." in again and "/network use" not in again
+
+
+async def test_rebalance_stops_at_a_failed_transfer_and_says_why(store, alice, fast_polls):
+    daemon = CannedDaemon(placement_apply=PLAN, distribution_status=statuses(
+        [transfer("pi-4", "14-29", "receiving", 5 * MiB, 40 * MiB)],
+        [transfer("pi-4", "14-29", "failed", 5 * MiB, 40 * MiB, "the shard's SHA-256 does not match")],
+        [transfer("pi-4", "14-29", "loaded", 40 * MiB, 40 * MiB)],  # never reached
+    ))
+    ctx = make_ctx(store, alice, daemon)
+    ctx.services["task_board"] = Board
+    reply = await run(ctx, "/workers rebalance")
+    assert daemon.commands().count("distribution_status") == 2
+    assert Board.shown[-1] == ("Failed", [("pi-4: blocks 14-29, failed: the shard's SHA-256 does not match", "failed")])
+    assert reply.startswith("Sending the blocks of network `lab1` failed (`pi-4`: the shard's SHA-256 does not match)")
+    assert "/workers rebalance" in reply
+
+
+async def test_rebalance_follows_the_transfers_for_ten_minutes_at_most(store, alice, fast_polls):
+    now = [NOW]
+
+    def clock():  # every reading of the clock is 100 s later
+        now[0] += 100.0
+        return now[0]
+
+    daemon = CannedDaemon(placement_apply=PLAN, distribution_status=statuses(
+        [transfer("pi-4", "14-29", "offline", 5 * MiB, 40 * MiB, "the worker is not connected")]))
+    reply = await run(make_ctx(store, alice, daemon, clock=clock), "/workers rebalance")
+    assert daemon.commands().count("distribution_status") == 6  # 600 s of looks 100 s apart
+    assert "not ready after 10 minutes" in reply and "`/workers blocks`" in reply
+    assert "offline, waiting for it to come back: the worker is not connected" in reply
+
+
+async def test_rebalance_without_a_task_list_shows_one_progress_line(store, alice, fast_polls):
+    lines = []
+
+    async def progress(text):
+        lines.append(text)
+
+    daemon = CannedDaemon(placement_apply=PLAN, distribution_status=statuses(
+        [transfer("pi-4", "14-29", "receiving", 20 * MiB, 40 * MiB)], [transfer("pi-4", "14-29", "loaded", 40 * MiB, 40 * MiB)]))
+    ctx = make_ctx(store, alice, daemon)
+    ctx.progress = progress
+    await run(ctx, "/workers rebalance")
+    assert lines == ["Sending the blocks of epoch 2… pi-4: blocks 14-29, 20.0/40.0 MiB (50%)", "Ready pi-4: blocks 14-29, loaded"]
+
+
+async def test_rebalance_shortage_is_the_daemons_sentence_and_nothing_is_followed(store, alice):
+    daemon = CannedDaemon(placement_apply=ControlError("conflict", "No member has RAM allocated for blocks"))
+    reply = await run(make_ctx(store, alice, daemon), "/workers rebalance")
+    assert reply == "No member has RAM allocated for blocks."
+    assert "distribution_status" not in daemon.commands()
+
+
+async def test_workers_blocks_shows_the_distribution_once(store, alice):
+    daemon = CannedDaemon(distribution_status=statuses([transfer("pi-4", "14-29", "receiving", 10 * MiB, 40 * MiB)]))
+    reply = await run(make_ctx(store, alice, daemon), "/workers blocks")
+    assert daemon.commands().count("distribution_status") == 1
+    assert "placement epoch 2, is not ready yet" in reply
+    assert "| `pi-4` | 14-29 | 10.0/40.0 MiB (25%) | 10.0 MiB of 40.0 MiB |" in reply
+    none = CannedDaemon(distribution_status={"epoch": None, "ready": False, "workers": []})
+    assert "has no placement yet" in await run(make_ctx(store, alice, none), "/workers blocks")
+
+
+async def test_network_sessions_show_titles_of_the_admins_own_conversations_only(store, alice, bob):
+    mine = store.create_conversation(alice.id, "Capital | of *France*", "cluster:lab1")
+    theirs = store.create_conversation(bob.id, "Bob's secret plans", "cluster:lab1")
+    sessions = [
+        {"session_id": f"lab1.{mine.id}", "nodes": ["admin-node", "pi-4"], "n_tokens": 1234, "bytes": int(3.5 * MiB),
+         "saved_at": NOW - 180, "in_memory": False},
+        {"session_id": f"lab1.{theirs.id}", "nodes": ["pi-4"], "n_tokens": 80, "bytes": MiB, "saved_at": None,
+         "in_memory": True},
+    ]
+    daemon = CannedDaemon(sessions_list={"sessions": sessions})
+    reply = await run(make_ctx(store, alice, daemon), "/network sessions")
+    assert daemon.calls[-1] == ("sessions_list", {"network_id": "lab1"})
+    assert "| Conversation | Session | Size | Tokens | Saved | Nodes |" in reply
+    row = next(line for line in reply.splitlines() if mine.id in line)
+    assert row.startswith("| Capital \\| of \\*France\\* |")
+    assert "| 3.5 MiB | 1,234 | 3 min ago | `admin-node`, `pi-4` |" in row
+    other = next(line for line in reply.splitlines() if theirs.id in line)
+    assert "Bob" not in reply  # another user's title stays private: the id is shown
+    assert other.startswith(f"| `lab1.{theirs.id}` |") and "| not yet, in memory |" in other
+    assert "2, 4.5 MiB in all" in reply and "/network sessions drop <session>" in reply
+    empty = await run(make_ctx(store, alice, CannedDaemon(sessions_list={"sessions": []})), "/network sessions")
+    assert empty.startswith("No conversation has a session on network `lab1`")
+
+
+async def test_network_sessions_drop_names_the_network_of_the_session(store, alice):
+    daemon = CannedDaemon(session_drop=lambda network_id, session_id: {"dropped": 3 if network_id == "lab2" else 0})
+    reply = await run(make_ctx(store, alice, daemon), "/network sessions drop lab2.abc-123")
+    assert daemon.calls == [("session_drop", {"network_id": "lab2", "session_id": "lab2.abc-123"})]
+    assert reply.startswith("Dropped session `lab2.abc-123` on 3 nodes of network `lab2`.")
+    reply = await run(make_ctx(store, alice, daemon), "/network sessions drop lab1.gone")
+    assert reply.startswith("No node of network `lab1` has session `lab1.gone`")
+    bad = CannedDaemon()
+    assert "is not a session id" in await run(make_ctx(store, alice, bad), "/network sessions drop ../x")
+    assert bad.calls == []
+
+
+async def test_help_texts_name_the_new_subcommands(store, alice):
+    workers_help = await run(make_ctx(store, alice, CannedDaemon()), "/workers")
+    for sub in ("/workers plan [network]", "/workers rebalance [network]", "/workers blocks [network]"):
+        assert sub in workers_help
+    network_help = await run(make_ctx(store, alice, CannedDaemon()), "/network")
+    assert "/network sessions [network]" in network_help and "/network sessions drop <session>" in network_help
+    assert "plan" in COMMANDS["workers"].usage and "sessions" in COMMANDS["network"].usage
+
+
+async def test_network_use_says_when_the_network_cannot_answer_yet_or_here(store, alice, tmp_path):
+    daemon = CannedDaemon(distribution_status={"epoch": 1, "ready": False, "workers": []})
+    reply = await run(make_ctx(store, alice, daemon, data_dir=tmp_path), "/network use lab1")
+    assert "its model answers new messages" in reply
+    assert "not all loaded" in reply and "`/workers rebalance`" in reply and "the local model answers" in reply
+    assert daemon.calls[-1] == ("distribution_status", {"network_id": "lab1"})
+    ready = await run(make_ctx(store, alice, CannedDaemon(), data_dir=tmp_path), "/network use lab1")
+    assert "not all loaded" not in ready
+    as_worker = CannedDaemon(network_list={"node_id": "pi-4", "networks": [net(role="worker", state="connected")]})
+    reply = await run(make_ctx(store, alice, as_worker, data_dir=tmp_path), "/network use lab1")
+    assert "a worker of it, not its admin" in reply and "distribution_status" not in as_worker.commands()
+    assert current_network(tmp_path) == "lab1"  # still the network the commands are about

@@ -420,3 +420,34 @@ async def test_delete_confirm_needs_a_recent_delete_for_the_same_conversation(st
 
 async def test_delete_without_a_conversation(store, alice):
     assert "no saved conversation" in (await run(ctx_for(store, alice), "/delete")).lower()
+
+
+async def test_delete_drops_the_conversations_network_session(store, alice):
+    """The KV session of a deleted conversation (its token ids are the conversation) is dropped
+    on the network in use; a daemon failure does not undo or hide the deletion."""
+    from worker.control import ControlError, session_id_for
+
+    class Choice:
+        def current_network(self):
+            return "net-abc"
+
+    class Daemon:
+        def __init__(self, fail=False):
+            self.calls, self.fail = [], fail
+
+        async def call(self, command, **args):
+            self.calls.append((command, args))
+            if self.fail:
+                raise ControlError("conflict", "no placement")
+            return {"dropped": 3}
+
+    for fail in (False, True):
+        conv = store.create_conversation(alice.id, "Secret", LOCAL.id)
+        ctx = ctx_for(store, alice, SessionState(conversation_id=conv.id, thread_id=conv.id))
+        daemon = Daemon(fail)
+        ctx.services.update({"network_choice": Choice(), "daemon": daemon})
+        await run(ctx, "/delete")
+        assert daemon.calls == []
+        assert "Deleted **Secret**" in await run(ctx, "/delete confirm")
+        assert daemon.calls == [("session_drop", {"network_id": "net-abc",
+                                                  "session_id": session_id_for("net-abc", conv.id)})]

@@ -257,3 +257,16 @@ def test_local_manifest_copies_and_verifies_into_another_directory(tmp_path):
     assert m["files"] == [{"name": "model.gguf", "size": SIZE, "sha256": hashlib.sha256(DATA).hexdigest(), "url": "model.gguf"}]
     (out,) = download(m, tmp_path / "copy")
     assert out.read_bytes() == DATA
+
+
+def test_the_cli_downloads_into_the_data_dir_and_resumes(server, tmp_path, capsys):
+    from worker.__main__ import main
+
+    server.drops = {"model.bin": [2_000_000]}
+    assert main(["download", server.url + "manifest.json", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [str(tmp_path / "models" / "model.bin")]
+    assert (tmp_path / "models" / "model.bin").read_bytes() == DATA
+    assert server.file_requests("model.bin")[-1] == "bytes=2000000-"
+    assert main(["download", server.url + "missing.json", "--data-dir", str(tmp_path)]) == 1
+    assert "download failed" in capsys.readouterr().err

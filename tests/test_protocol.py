@@ -5,6 +5,7 @@ Pure tests (no network) except one loopback check that websockets accepts WEBSOC
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import re
@@ -22,12 +23,47 @@ from hypothesis import strategies as st
 
 from worker.engine.shard import BlockRange
 from worker.protocol import (
-    ERROR_CODES, ERROR_TYPES, MAX_FRAME_BYTES, MAX_ID_CHARS, MAX_INPUT_IDS, MAX_JSON_FRAME_BYTES,
-    MAX_TENSOR_FRAME_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SUBPROTOCOL, TENSOR_DTYPES, WEBSOCKET_OPTIONS,
-    Handshake, InvalidPayload, Message, NotAuthorized, ProtocolError, TensorFrame, UnexpectedMessage,
-    UnknownMessageType, authorize, block_range_from_wire, block_range_to_wire, canonical_json,
-    check_frame_size, check_tensor_for, config_signed_bytes, decode_frame, decode_message,
-    decode_tensor, encode_message, encode_tensor, error_from_reply, error_reply, make_message, reply,
+    BLOCK_STATES,
+    CONTROL_COMMANDS,
+    ERROR_CODES,
+    ERROR_TYPES,
+    MAX_BLOCK_CHUNK,
+    MAX_FORWARD_ROWS,
+    MAX_FRAME_BYTES,
+    MAX_ID_CHARS,
+    MAX_INPUT_IDS,
+    MAX_JSON_FRAME_BYTES,
+    MAX_TENSOR_FRAME_BYTES,
+    MAX_TOTAL_LENGTH,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    TENSOR_DTYPES,
+    WEBSOCKET_OPTIONS,
+    Handshake,
+    InvalidPayload,
+    Message,
+    NotAuthorized,
+    ProtocolError,
+    TensorFrame,
+    UnexpectedMessage,
+    UnknownMessageType,
+    authorize,
+    block_range_from_wire,
+    block_range_to_wire,
+    canonical_json,
+    check_frame_size,
+    check_tensor_for,
+    config_signed_bytes,
+    decode_frame,
+    decode_message,
+    decode_tensor,
+    encode_message,
+    encode_tensor,
+    error_from_reply,
+    error_reply,
+    make_message,
+    reply,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +73,19 @@ B64_32 = base64.b64encode(bytes(range(32))).decode()
 B64_64 = base64.b64encode(bytes(range(64))).decode()
 CERT = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
 CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBDzCBtwIBADAV\n-----END CERTIFICATE REQUEST-----\n"
-RANGE = {"model_id": "tinyllama-1.1b-chat-q8_0", "start": 0, "end": 11, "total": 22}
+RANGE = {"model_id": "smollm2-135M-32c0b8179c87", "start": 0, "end": 15, "total": 30}
+SESSION = "net-1.conv-42"  # <network_id>.<conversation key>, docs/PROTOCOL.md
+SHA_MODEL, SHA_SHARD, SHA_CHUNK = "5f" * 32, "a3" * 32, "0c" * 32  # hex SHA-256 digests
+PROMPT = [1, 9690, 198, 2683]
+ROWS = [  # a prefill row and a decode row of another conversation, batched
+    {"session_id": SESSION, "start_pos": 0, "n_tokens": 4, "token_ids": PROMPT},
+    {"session_id": "net-1.conv-7", "start_pos": 37, "n_tokens": 1, "token_ids": [314]},
+]
+ROW0, ROW1 = ROWS
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1234, "repetition_penalty": 1.1, "ignore_eos": False}
+USAGE = {"prompt_tokens": 4, "cached_tokens": 0, "completion_tokens": 12, "prefill_ms": 41.5, "decode_tokens_s": 38.2}
+SESSION_ROW = {"session_id": SESSION, "n_tokens": 41, "bytes": 2957312, "saved_at": 1699999990.5, "in_memory": True,
+               "block_range": "0-15"}
 RESOURCES = {"cpu_count": 8, "memory_bytes": 17179869184, "gflops": 41.5, "os": "linux"}
 CONFIG = {"model_id": "tinyllama-1.1b-chat-q8_0", "placement": {"node-a": [0, 11], "node-b": [11, 22]}}
 
@@ -61,11 +109,24 @@ SAMPLES: dict[str, tuple[dict, str | None]] = {
     "status_response": ({"node_id": "node-a", "role": "worker", "version": "0.4.0", "config_version": 4,
                          "resources": RESOURCES, "block_range": RANGE, "sessions": 2}, None),
     "leave": ({}, None),
-    "inference_request": ({"input_ids": [1, 529, 29989, 1792], "attention_mask": [1, 1, 1, 1],
-                           "max_length": 512}, "sess-42"),
-    "inference_response": ({"token_id": 3681, "text": " Paris", "done": False, "finish_reason": None}, "sess-42"),
-    "forward": ({"start_pos": 0, "block_range": RANGE}, "sess-42"),
-    "forward_result": ({"start_pos": 0, "block_range": RANGE}, "sess-42"),
+    "inference_request": ({"input_ids": PROMPT, "attention_mask": [1, 1, 1, 1], "max_length": 512,
+                           "sampling": SAMPLING}, SESSION),
+    "inference_response": ({"token_id": 7042, "text": " Paris", "done": False, "finish_reason": None,
+                            "usage": None}, SESSION),
+    "inference_cancel": ({}, SESSION),
+    "forward": ({"block_range": RANGE, "rows": ROWS}, SESSION),
+    "forward_result": ({"block_range": RANGE, "rows": ROWS}, SESSION),
+    "session_query": ({"token_ids": PROMPT}, SESSION),
+    "session_save": ({}, SESSION),
+    "session_drop": ({}, SESSION),
+    "session_info": ({"cached_tokens": 4, "n_tokens": 41, "saved": True}, SESSION),
+    "sessions_request": ({}, None),
+    "sessions_response": ({"sessions": [SESSION_ROW]}, None),
+    "blocks_offer": ({"epoch": 3, "model_sha256": SHA_MODEL, "block_range": RANGE, "shard_sha256": SHA_SHARD,
+                      "shard_bytes": 52428800, "chunk_bytes": 4194304}, None),
+    "blocks_chunk": ({"shard_sha256": SHA_SHARD, "offset": 4194304, "sha256": SHA_CHUNK}, "blocks-3"),
+    "blocks_status": ({"shard_sha256": SHA_SHARD, "have_bytes": 8388608, "state": "receiving", "message": ""},
+                      "blocks-3"),
     "control": ({"command": "worker_allocate", "args": {"network_id": "net-1", "node_id": "node-b",
                  "cpu_share": 0.5, "ram_bytes": 2147483648, "disk_bytes": None}}, None),
     "control_result": ({"result": {"node_id": "node-b", "config_version": 5}}, None),
@@ -89,10 +150,17 @@ SENDERS = {
     "status_request": {"admin"},
     "status_response": {"admin", "worker", "backup"},
     "leave": {"worker", "backup"},
-    "inference_request": {"admin"},
-    "inference_response": {"worker"},
-    "forward": {"admin", "worker"},
+    "inference_request": {"admin", "control"},
+    "inference_response": {"admin", "worker"},
+    "inference_cancel": {"admin", "control"},
+    "forward": {"admin"},
     "forward_result": {"worker"},
+    "session_query": {"admin"}, "session_save": {"admin"}, "session_drop": {"admin"},
+    "session_info": {"worker"},
+    "sessions_request": {"admin"},
+    "sessions_response": {"worker"},
+    "blocks_offer": {"admin"}, "blocks_chunk": {"admin"},
+    "blocks_status": {"worker"},
     "control": {"control"},
     "control_result": {"admin"},
     "error": {"admin", "worker", "backup", "joiner", "control"},
@@ -154,7 +222,7 @@ def test_integer_timestamp_decodes_as_float():
 def test_reply_echoes_request_network_and_session():
     req = sample("inference_request", request_id="chat-77")
     r = reply(req, "inference_response", SAMPLES["inference_response"][0], timestamp=NOW)
-    assert (r.request_id, r.network_id, r.session_id) == ("chat-77", NET, "sess-42")
+    assert (r.request_id, r.network_id, r.session_id) == ("chat-77", NET, SESSION)
     assert reply(sample("status_request"), "status_response", SAMPLES["status_response"][0]).session_id is None
 
 
@@ -172,10 +240,46 @@ def test_builders_raise_value_error_not_protocol_error():
 
 
 def test_block_range_travels_as_the_engine_value():
-    r = BlockRange("tinyllama", 11, 22, 22)
-    m = make_message("forward", {"start_pos": 5, "block_range": block_range_to_wire(r)}, network_id=NET,
+    r = BlockRange("smollm2-135M-32c0b8179c87", 15, 30, 30)
+    m = make_message("forward", {"block_range": block_range_to_wire(r), "rows": ROWS}, network_id=NET,
                      session_id="s", timestamp=NOW)
     assert block_range_from_wire(decode(encode_message(m)).payload["block_range"]) == r
+    assert r.is_last and not r.is_first
+
+
+def test_message_tensor_attribute_is_neither_encoded_nor_compared():
+    m = sample("forward")
+    tf = decode_tensor(encode_tensor(np.ones((5, 576), np.float32), SESSION, 0, m.request_id))
+    with_tensor = dataclasses.replace(m, tensor=tf)
+    assert with_tensor == m and with_tensor.tensor is tf and m.tensor is None
+    assert encode_message(with_tensor) == encode_message(m)
+    assert "tensor" not in json.loads(encode_message(with_tensor))
+    assert decode(encode_message(with_tensor)).tensor is None
+
+
+def test_a_tensor_field_in_the_envelope_is_refused():
+    assert code_of(decode, wire("forward") | {"tensor": [1.0, 2.0]}) == "malformed_frame"
+
+
+def test_forward_batches_at_most_max_forward_rows_sessions():
+    rows = [{"session_id": f"net-1.c{i}", "start_pos": i, "n_tokens": 1, "token_ids": [i]} for i in range(64)]
+    assert MAX_FORWARD_ROWS == 64
+    m = make_message("forward", {"block_range": RANGE, "rows": rows}, network_id=NET, session_id="batch-1")
+    assert [r["session_id"] for r in decode(encode_message(m), max_skew=None).payload["rows"]] == [
+        f"net-1.c{i}" for i in range(64)]
+    with pytest.raises(ValueError, match=r"payload\.rows must have 1\.\.64 items, got 65"):
+        make_message("forward", {"block_range": RANGE, "rows": rows + [rows[0] | {"session_id": "x"}]},
+                     network_id=NET, session_id="batch-1")
+
+
+def test_a_full_length_prefill_forward_fits_one_text_frame():
+    """8192 token ids of the largest value still encode under the 1 MiB text-frame limit."""
+    ids = [2**31 - 1] * MAX_INPUT_IDS
+    row = {"session_id": SESSION, "start_pos": MAX_TOTAL_LENGTH - MAX_INPUT_IDS, "n_tokens": MAX_INPUT_IDS,
+           "token_ids": ids}
+    text = encode_message(make_message("forward", {"block_range": RANGE, "rows": [row]}, network_id=NET,
+                                       session_id=SESSION))
+    assert len(text.encode()) < MAX_JSON_FRAME_BYTES
 
 
 # --------------------------------------------------------------------------- envelope validation
@@ -281,10 +385,36 @@ def test_skew_window_is_a_parameter_so_replays_are_testable():
     assert decode_message(old, now=NOW + 10**6, max_skew=None).message_type == "leave"
 
 
-@pytest.mark.parametrize("message_type", ["inference_request", "inference_response", "forward", "forward_result"])
+# Whether the envelope's session_id is required, optional or must be null, per type (docs/PROTOCOL.md).
+SESSION_BOUND = {"inference_request", "inference_response", "inference_cancel", "forward", "forward_result",
+                 "session_query", "session_save", "session_drop", "session_info", "blocks_chunk"}
+SESSION_OPTIONAL = {"error", "blocks_status"}
+TENSOR_CARRYING = {"forward", "forward_result", "blocks_chunk"}
+
+
+def test_module_session_and_tensor_rules_are_the_documented_ones():
+    rules = {t: s.session for t, s in MESSAGE_TYPES.items()}
+    assert {t for t, r in rules.items() if r == "required"} == SESSION_BOUND
+    assert {t for t, r in rules.items() if r == "optional"} == SESSION_OPTIONAL
+    assert {t for t, s in MESSAGE_TYPES.items() if s.tensor} == TENSOR_CARRYING
+
+
+@pytest.mark.parametrize("message_type", sorted(SESSION_BOUND))
 def test_session_bound_messages_need_a_session_id(message_type):
     obj = wire(message_type) | {"session_id": None}
     assert code_of(decode, obj) == "invalid_payload"
+
+
+@pytest.mark.parametrize("message_type", sorted(set(MESSAGE_TYPES) - SESSION_BOUND - SESSION_OPTIONAL))
+def test_other_messages_must_not_carry_a_session_id(message_type):
+    obj = wire(message_type) | {"session_id": SESSION}
+    with pytest.raises(InvalidPayload, match="must not carry a session_id"):
+        decode(obj)
+
+
+@pytest.mark.parametrize("session_id", [None, "blocks-3"])
+def test_blocks_status_may_echo_the_chunks_session_or_not(session_id):
+    assert decode(wire("blocks_status") | {"session_id": session_id}).session_id == session_id
 
 
 # --------------------------------------------------------------------------- payload validation
@@ -354,7 +484,7 @@ PAYLOAD_CASES = [
     ("config_ack", {"version": None}, "payload.version must not be null"),
     ("member_remove", {"node_id": "node b"}, "payload.node_id must be 1..64 characters"),
     ("status_response", {"block_range": None}, None),  # null allowed: holds no blocks
-    ("status_response", {"block_range": RANGE | {"start": 11}}, "payload.block_range [11, 11) is empty"),
+    ("status_response", {"block_range": RANGE | {"start": 15}}, "payload.block_range [15, 15) is empty"),
     ("status_response", {"sessions": -1}, "payload.sessions"),
     ("inference_request", {"input_ids": []}, "payload.input_ids must have 1..8192 items, got 0"),
     ("inference_request", {"input_ids": [1] * (MAX_INPUT_IDS + 1), "attention_mask": None, "max_length": 16384},
@@ -374,11 +504,91 @@ PAYLOAD_CASES = [
     ("inference_response", {"done": True, "finish_reason": "stop", "token_id": None, "text": ""}, None),
     ("inference_response", {"done": True, "finish_reason": "timeout"}, "payload.finish_reason must be one of"),
     ("inference_response", {"text": "\ud800"}, "lone surrogate"),
-    ("forward", {"start_pos": -1}, "payload.start_pos"),
-    ("forward", {"block_range": RANGE | {"end": 23}}, "outside the model's 22 blocks"),
+    ("inference_request", {"sampling": None}, None),  # null: the daemon's defaults (greedy)
+    ("inference_request", {"sampling": SAMPLING | {"temperature": 0.0, "top_k": 0, "seed": None}}, None),
+    ("inference_request", {"sampling": SAMPLING | {"temperature": 5.01}}, "payload.sampling.temperature must be in 0..5"),
+    ("inference_request", {"sampling": SAMPLING | {"temperature": -0.1}}, "payload.sampling.temperature must be in 0..5"),
+    ("inference_request", {"sampling": SAMPLING | {"temperature": True}}, "payload.sampling.temperature must be a number"),
+    ("inference_request", {"sampling": SAMPLING | {"top_p": 1.5}}, "payload.sampling.top_p must be in 0..1"),
+    ("inference_request", {"sampling": SAMPLING | {"top_k": -1}}, "payload.sampling.top_k must be in 0..2147483647"),
+    ("inference_request", {"sampling": SAMPLING | {"top_k": 4.5}}, "payload.sampling.top_k must be an integer"),
+    ("inference_request", {"sampling": SAMPLING | {"seed": -5}}, "payload.sampling.seed must be in 0.."),
+    ("inference_request", {"sampling": SAMPLING | {"repetition_penalty": 0.0}},
+     "payload.sampling.repetition_penalty must be in 0.01..10"),
+    ("inference_request", {"sampling": SAMPLING | {"repetition_penalty": 10.5}},
+     "payload.sampling.repetition_penalty must be in 0.01..10"),
+    ("inference_request", {"sampling": SAMPLING | {"ignore_eos": "no"}}, "payload.sampling.ignore_eos must be true or false"),
+    ("inference_request", {"sampling": dict.fromkeys(SAMPLING)}, None),  # every knob at the daemon's default
+    ("inference_request", {"sampling": {k: v for k, v in SAMPLING.items() if k != "seed"}},
+     "payload.sampling.seed is missing"),
+    ("inference_request", {"sampling": SAMPLING | {"min_p": 0.1}}, "payload.sampling has unknown field(s) 'min_p'"),
+    ("inference_request", {"sampling": [0.7]}, "payload.sampling must be an object"),
+    ("inference_response", {"done": True, "finish_reason": "stop", "usage": USAGE}, None),
+    ("inference_response", {"done": True, "finish_reason": "cancelled", "token_id": None, "text": "", "usage": None},
+     None),
+    ("inference_response", {"usage": {"per_token_ms": [3.1, 2.9]}}, "payload.usage.per_token_ms"),
+    ("inference_response", {"usage": {f"k{i}": i for i in range(65)}}, "payload.usage has 65 keys"),
+    ("forward", {"block_range": RANGE | {"end": 31}}, "outside the model's 30 blocks"),
+    ("forward", {"block_range": RANGE | {"start": 15}}, "payload.block_range [15, 15) is empty"),
     ("forward", {"block_range": RANGE | {"end": "11"}}, "payload.block_range.end must be an integer"),
     ("forward", {"block_range": RANGE | {"layers": 3}}, "payload.block_range has unknown field"),
     ("forward", {"block_range": {"start": 0, "end": 1, "total": 2}}, "payload.block_range.model_id is missing"),
+    ("forward", {"start_pos": 0}, "payload has unknown field(s) 'start_pos'"),  # the version-1 draft's field
+    ("forward", {"rows": [ROW0 | {"n_tokens": 3}]}, "payload.rows[0].token_ids has 4 ids; n_tokens is 3"),
+    ("forward", {"rows": [ROW0, ROW1 | {"n_tokens": 2}]}, "payload.rows[1].token_ids has 1 ids; n_tokens is 2"),
+    ("forward", {"rows": [ROW0, ROW1, ROW0]}, "payload.rows[2]: session net-1.conv-42 appears twice in one forward"),
+    ("forward", {"rows": []}, "payload.rows must have 1..64 items, got 0"),
+    ("forward", {"rows": {"0": ROW0}}, "payload.rows must be an array of objects, got object"),
+    ("forward", {"rows": [ROW0, 5]}, "payload.rows[1] must be an object, got number"),
+    ("forward", {"rows": [ROW0 | {"cached": True}]}, "payload.rows[0] has unknown field(s) 'cached'"),
+    ("forward", {"rows": [{k: v for k, v in ROW0.items() if k != "start_pos"}]}, "payload.rows[0].start_pos is missing"),
+    ("forward", {"rows": [ROW0 | {"session_id": "net 1"}]}, "payload.rows[0].session_id must be 1..64 characters"),
+    ("forward", {"rows": [ROW0 | {"session_id": None}]}, "payload.rows[0].session_id must not be null"),
+    ("forward", {"rows": [ROW0 | {"start_pos": -1}]}, "payload.rows[0].start_pos must be in 0..16384"),
+    ("forward", {"rows": [ROW0 | {"start_pos": MAX_TOTAL_LENGTH + 1}]}, "payload.rows[0].start_pos must be in 0..16384"),
+    ("forward", {"rows": [ROW0 | {"start_pos": MAX_TOTAL_LENGTH}]}, None),
+    ("forward", {"rows": [ROW0 | {"n_tokens": 0, "token_ids": []}]}, "payload.rows[0].n_tokens must be in 1..8192"),
+    ("forward", {"rows": [ROW0 | {"n_tokens": 8193, "token_ids": [1] * 8193}]}, "payload.rows[0].n_tokens must be in 1..8192"),
+    ("forward", {"rows": [ROW0 | {"token_ids": [1, -2, 3, 4]}]}, "payload.rows[0].token_ids[1] must be an integer in 0..2147483647"),
+    ("forward", {"rows": [ROW0 | {"token_ids": [1, 2, 3.0, 4]}]}, "payload.rows[0].token_ids[2] must be an integer"),
+    ("forward_result", {"rows": [ROW1, ROW1]}, "payload.rows[1]: session net-1.conv-7 appears twice in one forward"),
+    ("forward_result", {"rows": [ROW1 | {"token_ids": []}]}, "payload.rows[0].token_ids must have 1..8192 items, got 0"),
+    ("forward_result", {"block_range": RANGE | {"start": 30, "end": 31}}, "outside the model's 30 blocks"),
+    ("session_query", {"token_ids": []}, None),  # what is cached, whatever the prefix
+    ("session_query", {"token_ids": [1] * MAX_TOTAL_LENGTH}, None),
+    ("session_query", {"token_ids": [1] * (MAX_TOTAL_LENGTH + 1)}, "payload.token_ids must have 0..16384 items, got 16385"),
+    ("session_query", {"token_ids": [2**31]}, "payload.token_ids[0] must be an integer in 0..2147483647"),
+    ("session_info", {"cached_tokens": -1}, "payload.cached_tokens must be in 0..16384"),
+    ("session_info", {"n_tokens": MAX_TOTAL_LENGTH + 1}, "payload.n_tokens must be in 0..16384"),
+    ("session_info", {"saved": "yes"}, "payload.saved must be true or false"),
+    ("session_info", {"cached_tokens": 0, "n_tokens": 0, "saved": False}, None),
+    ("sessions_response", {"sessions": []}, None),
+    ("sessions_response", {"sessions": [SESSION_ROW] * 1001}, "payload.sessions must have 0..1000 items, got 1001"),
+    ("sessions_response", {"sessions": [SESSION_ROW | {"saved_at": None, "in_memory": False}]}, None),
+    ("sessions_response", {"sessions": [SESSION_ROW | {"saved_at": -1.0}]}, "payload.sessions[0].saved_at must be in 0"),
+    ("sessions_response", {"sessions": [SESSION_ROW | {"bytes": -1}]}, "payload.sessions[0].bytes must be in 0.."),
+    ("sessions_response", {"sessions": [SESSION_ROW | {"block_range": "x" * 65}]},
+     "payload.sessions[0].block_range must have 0..64 characters"),
+    ("sessions_response", {"sessions": [SESSION_ROW | {"session_id": ""}]}, "payload.sessions[0].session_id must have 1..128"),
+    ("sessions_response", {"sessions": [{k: v for k, v in SESSION_ROW.items() if k != "in_memory"}]},
+     "payload.sessions[0].in_memory is missing"),
+    ("sessions_response", {"sessions": [SESSION_ROW, "net-1.conv-7"]}, "payload.sessions[1] must be an object"),
+    ("blocks_offer", {"chunk_bytes": MAX_BLOCK_CHUNK}, None),
+    ("blocks_offer", {"chunk_bytes": MAX_BLOCK_CHUNK + 1}, "payload.chunk_bytes must be in 1..8388608, got 8388609"),
+    ("blocks_offer", {"chunk_bytes": 0}, "payload.chunk_bytes must be in 1..8388608"),
+    ("blocks_offer", {"shard_bytes": 0}, "payload.shard_bytes must be in 1.."),
+    ("blocks_offer", {"epoch": -1}, "payload.epoch must be in 0.."),
+    ("blocks_offer", {"model_sha256": "5f" * 31}, "payload.model_sha256 must have 64..64 characters, got 62"),
+    ("blocks_offer", {"shard_sha256": "a3" * 33}, "payload.shard_sha256 must have 64..64 characters, got 66"),
+    ("blocks_offer", {"block_range": RANGE | {"start": 20, "end": 10}}, "payload.block_range [20, 10) is empty"),
+    ("blocks_offer", {"block_range": None}, "payload.block_range must not be null"),
+    ("blocks_chunk", {"offset": -1}, "payload.offset must be in 0.."),
+    ("blocks_chunk", {"sha256": ""}, "payload.sha256 must have 64..64 characters, got 0"),
+    ("blocks_status", {"state": "done"}, "payload.state must be one of need, receiving, verified, loaded, failed"),
+    ("blocks_status", {"state": "FAILED"}, "payload.state must be one of"),
+    ("blocks_status", {"have_bytes": -1}, "payload.have_bytes must be in 0.."),
+    ("blocks_status", {"message": "m" * 1025}, "payload.message must have 0..1024 characters"),
+    ("blocks_status", {"state": "failed", "message": "The shard's SHA-256 does not match; it was discarded."}, None),
     ("error", {"code": "oops"}, "payload.code must be one of"),
     ("error", {"request_id": None}, None),
     ("error", {"message": ""}, "payload.message must have 1..1024"),
@@ -415,11 +625,72 @@ def test_module_role_table_is_the_issues():
     assert {t: set(s.senders) for t, s in MESSAGE_TYPES.items()} == SENDERS
 
 
+def test_stage_session_and_block_messages_flow_admin_to_worker_and_back():
+    """The admin drives the chain: it alone sends work and blocks; only workers answer them."""
+    requests = ("forward", "session_query", "session_save", "session_drop", "sessions_request", "blocks_offer",
+                "blocks_chunk")
+    answers = ("forward_result", "session_info", "sessions_response", "blocks_status")
+    for t in requests:
+        authorize(t, "admin")
+        for role in ("worker", "backup", "joiner", "control"):
+            with pytest.raises(NotAuthorized):
+                authorize(t, role)
+    for t in answers:
+        authorize(t, "worker")
+        for role in ("admin", "backup", "joiner", "control"):
+            with pytest.raises(NotAuthorized):
+                authorize(t, role)
+
+
 def test_unknown_role_or_type_is_refused():
     with pytest.raises(NotAuthorized):
         authorize("heartbeat", "root")
     with pytest.raises(UnknownMessageType):
         authorize("shutdown", "admin")
+
+
+# --------------------------------------------------------------------------- control commands of issue 6
+
+# One valid ``args`` per new command, as the chat server sends them (every key, null where not given).
+CONTROL_SAMPLES = {
+    "placement_plan": {"network_id": NET},
+    "placement_apply": {"network_id": NET},
+    "distribution_status": {"network_id": NET},
+    "sessions_list": {"network_id": NET},
+    "session_drop": {"network_id": NET, "session_id": SESSION},
+}
+
+
+def control(command: str, args: dict) -> Message:
+    return make_message("control", {"command": command, "args": args}, network_id="control", timestamp=NOW)
+
+
+@pytest.mark.parametrize("command", sorted(CONTROL_SAMPLES))
+def test_issue6_control_commands_round_trip(command):
+    m = control(command, CONTROL_SAMPLES[command])
+    assert decode(encode_message(m)).payload == {"command": command, "args": CONTROL_SAMPLES[command]}
+    assert set(CONTROL_COMMANDS[command]) == set(CONTROL_SAMPLES[command])
+
+
+@pytest.mark.parametrize("command,args,fragment", [
+    ("placement_plan", {}, "args.network_id is missing"),
+    ("placement_apply", {"network_id": NET, "epoch": 4}, "args has unknown field(s) 'epoch'"),
+    ("distribution_status", {"network_id": None}, "args.network_id must not be null"),
+    ("sessions_list", {"network_id": "net 1"}, "args.network_id must be 1..64 characters"),
+    ("session_drop", {"network_id": NET}, "args.session_id is missing"),
+    ("session_drop", {"network_id": NET, "session_id": "net-1/conv"}, "args.session_id must be 1..64 characters"),
+    ("session_drop", {"network_id": NET, "session_id": "n" * 65}, "args.session_id must be 1..64 characters"),
+    ("placement_rebalance", {"network_id": NET}, "control command 'placement_rebalance' is not defined"),
+])
+def test_issue6_control_commands_refuse_bad_args(command, args, fragment):
+    obj = json.loads(encode_message(control("placement_plan", {"network_id": NET})))
+    obj["payload"] = {"command": command, "args": args}
+    with pytest.raises(InvalidPayload, match=re.escape(fragment)):
+        decode(obj)
+
+
+def test_block_states_are_the_documented_ones_in_transfer_order():
+    assert BLOCK_STATES == ("need", "receiving", "verified", "loaded", "failed")
 
 
 # --------------------------------------------------------------------------- errors
@@ -623,11 +894,31 @@ def test_tensor_errors_carry_the_request_id_once_read():
 
 def test_tensor_frame_must_match_its_message():
     fwd = sample("forward", request_id="req-5")
-    check_tensor_for(fwd, decode_tensor(encode_tensor(np.zeros((1, 4), np.float32), "sess-42", 0, "req-5")))
+    check_tensor_for(fwd, decode_tensor(encode_tensor(np.zeros((5, 576), np.float32), SESSION, 0, "req-5")))
     with pytest.raises(InvalidPayload, match="does not match"):
-        check_tensor_for(fwd, decode_tensor(encode_tensor(np.zeros(1, np.float32), "sess-43", 0, "req-5")))
+        check_tensor_for(fwd, decode_tensor(encode_tensor(np.zeros(1, np.float32), "net-1.conv-43", 0, "req-5")))
+    with pytest.raises(InvalidPayload, match="does not match"):
+        check_tensor_for(fwd, decode_tensor(encode_tensor(np.zeros(1, np.float32), SESSION, 0, "req-6")))
     with pytest.raises(InvalidPayload, match="does not carry"):
         check_tensor_for(sample("heartbeat"), decode_tensor(GOOD))
+    with pytest.raises(InvalidPayload, match="does not carry"):
+        check_tensor_for(sample("session_query"), decode_tensor(encode_tensor(np.zeros(1, np.float32), SESSION, 0,
+                                                                              "req-1")))
+
+
+def test_block_chunk_travels_as_a_u8_tensor_named_by_the_shard():
+    """A blocks_chunk's data is a 1-d uint8 tensor frame; its session id names the transfer (blocks-<epoch>)."""
+    import hashlib
+
+    data = np.frombuffer(bytes(range(256)) * 16, np.uint8)
+    m = make_message("blocks_chunk", {"shard_sha256": SHA_SHARD, "offset": 0,
+                                      "sha256": hashlib.sha256(data.tobytes()).hexdigest()},
+                     network_id=NET, session_id="blocks-3", timestamp=NOW)
+    tf = decode_tensor(encode_tensor(data, m.session_id, 0, m.request_id))
+    check_tensor_for(decode(encode_message(m)), tf)
+    assert tf.array.dtype == np.uint8 and hashlib.sha256(tf.array).hexdigest() == m.payload["sha256"]
+    frame = encode_tensor(np.zeros(MAX_BLOCK_CHUNK, np.uint8), "s" * 64, 0, "r" * 64)
+    assert len(frame) <= MAX_TENSOR_FRAME_BYTES  # the largest chunk fits one binary frame
 
 
 def test_decode_frame_dispatches_on_websockets_types():
@@ -808,13 +1099,13 @@ DOC = REPO / "docs" / "PROTOCOL.md"
 
 def test_doc_hex_example_is_what_the_encoder_produces():
     text = DOC.read_text(encoding="utf-8")
-    block = re.search(r"<!-- tensor-example -->\n```text\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"<!-- tensor-example -->\n```text\n(.*?)```", text, re.DOTALL).group(1)
     hex_bytes = bytes.fromhex("".join(line.split("  ")[0].split(":", 1)[1] for line in block.splitlines()))
     assert hex_bytes == encode_tensor(np.array([[1.0, -2.0, 0.5]], dtype=np.float32), "s1", 7, "r1")
 
 
 def test_doc_json_examples_decode_and_cover_every_message_type():
-    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
     types = {decode_message(b, max_skew=None).message_type for b in blocks}
     assert types == set(MESSAGE_TYPES)
 
@@ -823,6 +1114,38 @@ def test_doc_lists_every_error_code_and_message_type():
     text = DOC.read_text(encoding="utf-8")
     for name in [*ERROR_CODES, *MESSAGE_TYPES]:
         assert f"`{name}`" in text, name
+
+
+def test_doc_role_table_is_the_modules():
+    """The ✔ table under "## Roles" says exactly who may send what."""
+    section = DOC.read_text(encoding="utf-8").split("\n## Roles\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    header = next(ln for ln in section.splitlines() if ln.startswith("| message type"))
+    roles = [c.strip().strip("`") for c in header.strip("|").split("|")[1:]]
+    table = {}
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        table[cells[0].strip("`")] = {r for r, c in zip(roles, cells[1:]) if c == "✔"}
+    assert table == {t: set(s.senders) for t, s in MESSAGE_TYPES.items()}
+
+
+def test_doc_message_sections_state_the_modules_senders():
+    """Every message type's section has a "Senders:" sentence naming exactly its senders."""
+    text = DOC.read_text(encoding="utf-8")
+    for t, spec in MESSAGE_TYPES.items():
+        m = re.search(rf"\n#{{3,4}} `{t}`\n(.*?)```json", text, re.DOTALL)
+        assert m, f"no section for {t}"
+        senders = re.search(r"Senders: (.*?)\.(?: |\n|$)", m.group(1), re.DOTALL)
+        assert senders, f"no Senders: sentence for {t}"
+        named = set(re.findall(r"`(\w+)`", senders.group(1)))
+        assert named == set(spec.senders), t
+
+
+def test_doc_lists_every_control_command_and_leaves_the_routing_marker():
+    text = DOC.read_text(encoding="utf-8")
+    for name in CONTROL_COMMANDS:
+        assert re.search(rf"^\| `{name}`", text, re.MULTILINE), name
+    assert "## Inference, stages and blocks (issue 6)" in text and "<!-- routing-measurements -->" in text
 
 
 # --------------------------------------------------------------------------- fuzz
@@ -884,13 +1207,27 @@ def mutated(originals: list[bytes]):
 ENVELOPES = [json.loads(t) for t in VALID_TEXTS]
 
 
+def nested_records(obj: dict) -> list[dict]:
+    """The objects nested one level inside ``obj``: records (block_range, sampling) and items of record lists
+    (rows, sessions)."""
+    out = []
+    for v in obj.values():
+        if isinstance(v, dict):
+            out.append(v)
+        elif isinstance(v, list):
+            out.extend(x for x in v if isinstance(x, dict))
+    return out
+
+
 def structurally_mutate(obj: dict, rng: random.Random) -> str:
-    """A valid envelope with 1..3 fields (envelope, payload or block_range) deleted, replaced or added."""
+    """A valid envelope with 1..3 fields (envelope, payload, or a record nested in the payload such as
+    block_range, sampling, a forward row or a sessions item) deleted, replaced or added."""
     obj = json.loads(json.dumps(obj))
     target = obj if rng.random() < 0.5 or not obj["payload"] else obj["payload"]
     for _ in range(rng.randint(1, 3)):
-        if isinstance(target.get("block_range"), dict) and rng.random() < 0.5:
-            target = target["block_range"]
+        inner = nested_records(target) if target is not obj else []
+        if inner and rng.random() < 0.5:
+            target = rng.choice(inner)
         keys = sorted(target)
         i = rng.randint(0, len(keys))
         key = keys[i] if i < len(keys) else str(random_json(rng, 3))

@@ -31,8 +31,11 @@ DEFAULT_DATA_DIR = os.environ.get("ARGUS_WORKER_DATA_DIR") or str(Path("data") /
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description="Jarvis Argus worker daemon")
     p.add_argument("command", nargs="?", default="serve",
-                   choices=("serve", "join", "networks", "workers", "token", "status", "events"))
-    p.add_argument("argument", nargs="?", help="the token (join) or network id (workers, token, status)")
+                   choices=("serve", "join", "networks", "workers", "token", "status", "events", "plan", "rebalance",
+                            "blocks", "sessions", "download"))
+    p.add_argument("argument", nargs="?",
+                   help="the token (join), network id (workers, token, status, plan, rebalance, blocks, sessions) "
+                        "or manifest URL/path (download)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"default: {DEFAULT_DATA_DIR}")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the network servers listen on; 0.0.0.0 for a LAN (default 127.0.0.1)")
@@ -79,9 +82,28 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    """``download <manifest>``: fetch a model (manifest.json: files, sizes, SHA-256) into
+    ``<data-dir>/models`` with resume and verification; print the paths (use one as --model)."""
+    from worker.downloader import DownloadError, download
+
+    if not args.argument:
+        print("worker download: give the manifest URL or path", file=sys.stderr)
+        return 2
+    try:
+        paths = download(args.argument, Path(args.data_dir) / "models")
+    except (DownloadError, OSError) as e:
+        print(f"download failed: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
 async def _client(args: argparse.Namespace) -> int:
     client = ControlClient(Path(args.data_dir))
-    need_arg = {"join": "token", "workers": "network id", "token": "network id", "status": "network id"}
+    need_arg = {"join": "token", "workers": "network id", "token": "network id", "status": "network id",
+                "plan": "network id", "rebalance": "network id", "blocks": "network id", "sessions": "network id"}
     if args.command in need_arg and not args.argument:
         print(f"worker {args.command}: give the {need_arg[args.command]}", file=sys.stderr)
         return 2
@@ -92,6 +114,10 @@ async def _client(args: argparse.Namespace) -> int:
         "token": lambda: client.call("token_issue", network_id=args.argument),
         "status": lambda: client.call("network_status", network_id=args.argument),
         "events": lambda: client.call("events", network_id=args.argument),
+        "plan": lambda: client.call("placement_plan", network_id=args.argument),
+        "rebalance": lambda: client.call("placement_apply", network_id=args.argument),
+        "blocks": lambda: client.call("distribution_status", network_id=args.argument),
+        "sessions": lambda: client.call("sessions_list", network_id=args.argument),
     }
     try:
         result = await calls[args.command]()
@@ -112,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     os.umask(0o077)
+    if args.command == "download":
+        return _download(args)
     runner = _serve if args.command == "serve" else _client
     try:
         return asyncio.run(runner(args))

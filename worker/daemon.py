@@ -74,6 +74,8 @@ JOIN_WAIT_S = 900.0
 JOIN_ANSWER_WAIT_S = 3.0
 #: Longest wait between reconnection attempts to the admin, seconds.
 MAX_BACKOFF_S = 30.0
+#: Replies a worker sends to the admin's stage requests (matched by request id, see cluster.RemoteStage).
+_STAGE_REPLIES = frozenset({"forward_result", "session_info", "sessions_response", "blocks_status", "error"})
 
 
 def _address(host: str, port: int) -> str:
@@ -112,6 +114,15 @@ class MemberLive:
     last_seen: Optional[float] = None
     acked_version: int = 0
     link: Optional[Link] = None
+    waiters: dict[str, asyncio.Future] = field(default_factory=dict)  # request id -> its reply (cluster.RemoteStage)
+
+    def fail_waiters(self, why: str) -> None:
+        from worker.cluster import ClusterError
+
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(ClusterError(why))
+        self.waiters.clear()
 
 
 @dataclass
@@ -141,6 +152,8 @@ class Network:
     member_task: Optional[asyncio.Task] = None
     link_state: str = "connecting"  # worker side: connecting | connected | removed
     admin_link: Optional[Link] = None
+    stage_host: Any = None  # worker.stage_host.StageHost: this node's blocks and KV sessions
+    cluster: Any = None  # worker.cluster.Cluster (admin only): placement, distribution, generation
 
     @property
     def network_id(self) -> str:
@@ -276,6 +289,9 @@ class Daemon:
                 continue
             self.networks[network_id] = net
         await asyncio.gather(self._start_control(), *(self._start_network(n) for n in self.networks.values()))
+        for net in self.networks.values():
+            if net.is_admin and net.config.get("placement"):
+                self._cluster(net).start_distribution()
         if self.discovery_port is not None:
             self._discovery = await DiscoveryResponder.start(self.host if self.host != "::" else "0.0.0.0",
                                                              self.discovery_port, self._discovery_answer)
@@ -298,6 +314,8 @@ class Daemon:
         """Close every server, link and task."""
         for net in list(self.networks.values()):
             await self._stop_network(net)
+            if net.stage_host is not None and hasattr(net.stage_host, "close"):
+                await asyncio.to_thread(net.stage_host.close)
         for task in list(self._tasks):
             task.cancel()
         if self._control_server is not None:
@@ -528,7 +546,15 @@ class Daemon:
         net.members_live[node_id] = MemberLive(resources=pending.resources)
         pending.decision.set_result(("approved", cert_pem.decode("ascii")))
         self.events.write("join_approved", network=net.network_id, node=node_id, role="worker")
+        self._propose_later(net, f"{node_id} joined")
         return "worker"
+
+    def _propose_later(self, net: Network, reason: str) -> None:
+        """After a join or leave, once the member had time to connect: propose a new placement."""
+        async def later() -> None:
+            await asyncio.sleep(min(2.0, self.heartbeat_s))
+            await asyncio.to_thread(self._cluster(net).propose, reason)
+        self._spawn(later(), "propose-placement")
 
     async def _serve_member(self, net: Network, link: Link) -> None:
         """Admin side of a member's link: heartbeats, acks, leave."""
@@ -545,11 +571,17 @@ class Daemon:
         if old is not None:
             await old.close(1000, "replaced by a newer connection")
         self.events.write("member_connected", network=net.network_id, node=node_id, peer=link.remote_address)
+        if net.cluster is not None:
+            net.cluster.member_connected(node_id)
         try:
             while True:
                 m = await link.recv()
                 live.last_seen = time.time()
-                if m.message_type == "heartbeat":
+                waiter = live.waiters.get(m.request_id) if m.message_type in _STAGE_REPLIES else None
+                if waiter is not None:
+                    if not waiter.done():
+                        waiter.set_result(m)
+                elif m.message_type == "heartbeat":
                     live.resources = dict(m.payload["resources"])
                     if m.payload["config_version"] < net.signed.version:
                         await self._push_config(net, link)
@@ -570,6 +602,7 @@ class Daemon:
         finally:
             if live.link is link:
                 live.link = None
+                live.fail_waiters(f"worker {node_id} disconnected")
                 self.events.write("member_disconnected", network=net.network_id, node=node_id)
 
     async def _serve_peer(self, net: Network, link: Link) -> None:
@@ -577,13 +610,36 @@ class Daemon:
         while True:
             m = await link.recv()
             if m.message_type == "status_request":
-                await link.reply(m, "status_response", {
-                    "node_id": self.node_id, "role": net.creds.role, "version": "argus-worker",
-                    "config_version": net.signed.version, "resources": self.resources(), "block_range": None,
-                    "sessions": 0})
+                await link.reply(m, "status_response", self._status(net))
             elif m.message_type != "error":
                 await link.send_error(protocol.UnexpectedMessage(
                     f"{m.message_type} is not served by this worker yet", request_id=m.request_id))
+
+    def _status(self, net: Network) -> dict:
+        host = net.stage_host
+        r = host.block_range if host is not None else None
+        return {"node_id": self.node_id, "role": net.creds.role, "version": "argus-worker",
+                "config_version": net.signed.version, "resources": self.resources(),
+                "block_range": protocol.block_range_to_wire(r) if r is not None else None,
+                "sessions": len(host.memory_sessions()) if host is not None and hasattr(host, "memory_sessions") else 0}
+
+    def _stage_host(self, net: Network) -> Any:
+        """This node's StageHost for ``net`` (made on first use; its key is per network, 0600)."""
+        if net.stage_host is None:
+            from worker.crypto_at_rest import load_or_create_key
+            from worker.stage_host import StageHost
+
+            key = load_or_create_key(net.dir / "blocks.key")
+            net.stage_host = StageHost(_private_dir(net.dir / "stage"), net.network_id, key)
+        return net.stage_host
+
+    def _cluster(self, net: Network) -> Any:
+        """The admin's Cluster for ``net`` (made on first use)."""
+        if net.cluster is None:
+            from worker.cluster import Cluster
+
+            net.cluster = Cluster(self, net, self._stage_host(net))
+        return net.cluster
 
     async def _remove_member(self, net: Network, node_id: str, *, reason: str) -> SignedConfig:
         member = net.config["members"].get(node_id)
@@ -608,6 +664,7 @@ class Daemon:
             await live.link.close(1000, "removed from the network")
         self.events.write("member_removed" if reason != "left" else "member_left", network=net.network_id,
                           node=node_id, reason=reason)
+        self._propose_later(net, f"{node_id} {'left' if reason == 'left' else 'was removed'}")
         return signed
 
     # ---- worker side: the link to the admin -----------------------------------------
@@ -660,10 +717,9 @@ class Daemon:
                     self._mark_removed(net, "the admin removed this node")
                     return
                 elif m.message_type == "status_request":
-                    await link.reply(m, "status_response", {
-                        "node_id": self.node_id, "role": net.creds.role, "version": "argus-worker",
-                        "config_version": net.signed.version, "resources": self.resources(),
-                        "block_range": None, "sessions": 0})
+                    await link.reply(m, "status_response", self._status(net))
+                elif await self._stage_host(net).handle(link, m):
+                    pass
                 elif m.message_type == "error":
                     if m.payload["code"] == "not_authorized":
                         self._mark_removed(net, m.payload["message"])
@@ -707,8 +763,17 @@ class Daemon:
             if link.role != protocol.CONTROL:
                 await link.send_error(NotAuthorized("only a control client may use this endpoint"))
                 return
+            generations: dict[str, asyncio.Event] = {}
             while True:
                 m = await link.recv()
+                if m.message_type == "inference_request":
+                    cancel = generations.setdefault(m.session_id, asyncio.Event())
+                    self._spawn(self._serve_inference(link, m, cancel, generations), f"inference-{m.session_id}")
+                    continue
+                if m.message_type == "inference_cancel":
+                    if m.session_id in generations:
+                        generations[m.session_id].set()
+                    continue
                 if m.message_type != "control":
                     continue
                 try:
@@ -724,6 +789,33 @@ class Daemon:
             pass
         finally:
             await link.close()
+
+    async def _serve_inference(self, link: Link, m: Message, cancel: asyncio.Event,
+                               generations: dict[str, asyncio.Event]) -> None:
+        """Answer one inference_request from the control link with streamed inference_response
+        messages (or one error), running it on the network the session id names."""
+        from worker.cluster import split_session_id
+
+        async def emit(payload: dict) -> None:
+            await link.reply(m, "inference_response", payload)
+
+        try:
+            network_id, _ = split_session_id(m.session_id)
+            net = self._net(network_id, admin=True)
+            p = m.payload
+            await self._cluster(net).generate(m.session_id, list(p["input_ids"]), p["max_length"], p["sampling"],
+                                              emit, cancel)
+        except LinkClosed:
+            cancel.set()
+        except ProtocolError as e:
+            await link.send_error(e, m.request_id)
+        except Exception as e:
+            log.exception("inference for %s failed", m.session_id)
+            self.events.write("error", node=self.node_id, what="inference", message=str(e))
+            await link.send_error(e, m.request_id)
+        finally:
+            if generations.get(m.session_id) is cancel:
+                del generations[m.session_id]
 
     async def command(self, name: str, args: dict) -> dict:
         """Run control command ``name`` (validated ``args``, see protocol.CONTROL_COMMANDS).
@@ -902,6 +994,21 @@ class Daemon:
         async with self._lock:
             signed = await self._commit(net, setter, "allocation", member=node_id, allocation=new.to_wire())
         return {"node_id": node_id, "allocation": new.to_wire(), "config_version": signed.version}
+
+    async def cmd_placement_plan(self, network_id: str) -> dict:
+        return await self._cluster(self._net(network_id, admin=True)).cmd_plan()
+
+    async def cmd_placement_apply(self, network_id: str) -> dict:
+        return await self._cluster(self._net(network_id, admin=True)).cmd_apply()
+
+    async def cmd_distribution_status(self, network_id: str) -> dict:
+        return self._cluster(self._net(network_id, admin=True)).cmd_status()
+
+    async def cmd_sessions_list(self, network_id: str) -> dict:
+        return await self._cluster(self._net(network_id, admin=True)).cmd_sessions()
+
+    async def cmd_session_drop(self, network_id: str, session_id: str) -> dict:
+        return await self._cluster(self._net(network_id, admin=True)).cmd_session_drop(session_id)
 
     async def cmd_worker_remove(self, network_id: str, node_id: str) -> dict:
         net = self._net(network_id, admin=True)

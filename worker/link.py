@@ -28,11 +28,13 @@ is answered with an ``error`` reply and skipped. After
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.exceptions import ConnectionClosed
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 15.0
 #: Frames answered with an error before the link is closed (policy violation).
 MAX_ERRORS_PER_LINK = 1000
+#: seconds a tensor frame may lag the message it belongs to
+TENSOR_WAIT_S = 30.0
 #: WebSocket close code for a policy violation (RFC 6455 §7.4.1).
 CLOSE_POLICY = 1008
 #: The software version sent in ``hello``.
@@ -107,6 +111,7 @@ class Link:
     errors: int = 0
     closed_reason: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def peer_node(self) -> Optional[str]:
@@ -123,22 +128,39 @@ class Link:
     def remote_address(self) -> str:
         return self._remote
 
-    async def send(self, m: Message) -> None:
-        """Send one message (text frame). Raises LinkClosed if the connection is gone."""
+    async def send(self, m: Message, tensor: Optional[np.ndarray] = None, step: int = 0) -> None:
+        """Send one message (text frame) and, for a ``tensor=True`` type, ``tensor`` as the
+        binary frame right after it (both or neither reach the socket before another send).
+
+        Raises LinkClosed if the connection is gone, ValueError if ``tensor`` is
+        missing for a tensor message (or given for another type).
+        """
+        if m.spec.tensor != (tensor is not None):
+            raise ValueError(f"{m.message_type} {'needs' if m.spec.tensor else 'takes no'} tensor frame")
         self.handshake.sent(m.message_type)
-        try:
-            await self.ws.send(protocol.encode_message(m))
+        text = protocol.encode_message(m)
+        binary = None if tensor is None else protocol.encode_tensor(tensor, m.session_id, step, m.request_id)
+        async def pair() -> None:
+            async with self._send_lock:
+                await self.ws.send(text)
+                if binary is not None:
+                    await self.ws.send(binary)
+
+        try:  # shielded: a cancelled sender must not leave a message without its tensor on the wire
+            await (pair() if binary is None else asyncio.shield(pair()))
         except ConnectionClosed as e:
             raise LinkClosed(_closed_text(self, e)) from None
 
-    async def send_new(self, message_type: str, payload: Optional[dict] = None, **kw: Any) -> Message:
-        """Build, send and return a message on this link's network."""
+    async def send_new(self, message_type: str, payload: Optional[dict] = None, *,
+                       tensor: Optional[np.ndarray] = None, **kw: Any) -> Message:
+        """Build, send and return a message on this link's network (``tensor``: see ``send``)."""
         m = protocol.make_message(message_type, payload, network_id=self.network_id, **kw)
-        await self.send(m)
+        await self.send(m, tensor)
         return m
 
-    async def reply(self, to: Message, message_type: str, payload: Optional[dict] = None) -> None:
-        await self.send(protocol.reply(to, message_type, payload))
+    async def reply(self, to: Message, message_type: str, payload: Optional[dict] = None, *,
+                    tensor: Optional[np.ndarray] = None) -> None:
+        await self.send(protocol.reply(to, message_type, payload), tensor)
 
     async def send_error(self, exc: BaseException, request_id: Optional[str] = None) -> None:
         """Answer with an ``error`` (ProtocolError code and message; anything else → internal)."""
@@ -167,9 +189,31 @@ class Link:
                 except ConnectionClosed as e:
                     raise LinkClosed(_closed_text(self, e)) from None
                 try:
-                    return self._accept(frame)
+                    m = self._accept(frame)
                 except ProtocolError as e:
                     await self._refuse(e)
+                    continue
+                if not m.spec.tensor:
+                    return m
+                try:  # its tensor frame comes next on the wire (send() keeps the pair together)
+                    frame = await asyncio.wait_for(self.ws.recv(), TENSOR_WAIT_S)
+                except ConnectionClosed as e:
+                    raise LinkClosed(_closed_text(self, e)) from None
+                except asyncio.TimeoutError:
+                    await self._refuse(protocol.UnexpectedMessage(
+                        f"the tensor frame of {m.message_type} did not follow it", request_id=m.request_id))
+                    continue
+                try:
+                    if not isinstance(frame, (bytes, bytearray, memoryview)):
+                        raise protocol.UnexpectedMessage(
+                            f"{m.message_type} must be followed by its binary tensor frame", request_id=m.request_id)
+                    tf = protocol.decode_tensor(frame)
+                    protocol.check_tensor_for(m, tf)
+                except ProtocolError as e:
+                    e.request_id = e.request_id or m.request_id
+                    await self._refuse(e)
+                    continue
+                return dataclasses.replace(m, tensor=tf)
 
         if timeout is None:
             return await next_valid()
@@ -177,8 +221,9 @@ class Link:
 
     def _accept(self, frame: Any) -> Message:
         if isinstance(frame, (bytes, bytearray, memoryview)):
-            protocol.decode_tensor(frame)  # raises on a malformed one
-            raise protocol.UnexpectedMessage("a tensor frame must follow a forward message on an inference link")
+            tf = protocol.decode_tensor(frame)  # raises on a malformed one
+            raise protocol.UnexpectedMessage("a tensor frame may only follow the message it belongs to",
+                                             request_id=tf.request_id)
         m = protocol.decode_message(frame)
         if m.network_id != self.network_id:
             raise protocol.NotAuthorized(

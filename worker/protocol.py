@@ -423,6 +423,23 @@ class Record(Field):
         check_schema(self.fields, value, where)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RecordList(Field):
+    """An array of ``min_items..max_items`` objects, each with the schema ``fields``."""
+
+    fields: Mapping[str, Field]
+    max_items: int
+    min_items: int = 0
+
+    def _check(self, value, where):
+        if not isinstance(value, list):
+            raise InvalidPayload(f"{where} must be an array of objects, got {_json_type(value)}")
+        if not self.min_items <= len(value) <= self.max_items:
+            raise InvalidPayload(f"{where} must have {self.min_items}..{self.max_items} items, got {len(value)}")
+        for i, v in enumerate(value):
+            check_schema(self.fields, v, f"{where}[{i}]")
+
+
 def check_schema(schema: Mapping[str, Field], obj: Any, where: str = "payload") -> None:
     """Raise InvalidPayload unless ``obj`` is an object with exactly ``schema``'s keys, each valid."""
     if not isinstance(obj, dict):
@@ -526,6 +543,12 @@ CONTROL_COMMANDS: dict[str, dict[str, Field]] = {
                         "ram_bytes": Int(nullable=True), "disk_bytes": Int(nullable=True)},
     "worker_remove": {"network_id": _NET, "node_id": Id()},
     "events": {"network_id": Id(nullable=True), "limit": Int(lo=1, hi=1000, nullable=True)},
+    # issue 6: placement, block distribution, sessions (admin only)
+    "placement_plan": {"network_id": _NET},
+    "placement_apply": {"network_id": _NET},
+    "distribution_status": {"network_id": _NET},
+    "sessions_list": {"network_id": _NET},
+    "session_drop": {"network_id": _NET, "session_id": Id()},
 }
 
 
@@ -535,6 +558,37 @@ def _valid_control(p: dict) -> None:
         raise InvalidPayload(f"control command {_show(p['command'])} is not defined; "
                              f"known: {', '.join(sorted(CONTROL_COMMANDS))}")
     check_schema(schema, p["args"], where="args")
+
+
+MAX_FORWARD_ROWS = 64  # sessions batched into one forward
+MAX_BLOCK_CHUNK = 8 << 20  # bytes of shard data in one blocks_chunk frame
+BLOCK_STATES = ("need", "receiving", "verified", "loaded", "failed")
+SAMPLING_FIELDS = {
+    "temperature": Num(lo=0.0, hi=5.0, nullable=True), "top_p": Num(lo=0.0, hi=1.0, nullable=True),
+    "top_k": Int(lo=0, hi=MAX_TOKEN_ID, nullable=True), "seed": Int(nullable=True),
+    "repetition_penalty": Num(lo=0.01, hi=10.0, nullable=True), "ignore_eos": Bool(nullable=True),
+}
+# One row of a (batched) forward: positions start_pos .. start_pos+n_tokens-1 of one session,
+# with the token ids of those positions (paged KV caches record them, so a resumed session is checked).
+FORWARD_ROWS = RecordList(fields={
+    "session_id": Id(), "start_pos": Int(hi=MAX_TOTAL_LENGTH), "n_tokens": Int(lo=1, hi=MAX_INPUT_IDS),
+    "token_ids": IntList(max_items=MAX_INPUT_IDS, hi=MAX_TOKEN_ID),
+}, min_items=1, max_items=MAX_FORWARD_ROWS)
+SESSION_FIELDS = {
+    "session_id": Str(max_len=128), "n_tokens": Int(), "bytes": Int(), "saved_at": Num(lo=0.0, nullable=True),
+    "in_memory": Bool(), "block_range": Str(max_len=64, min_len=0),
+}
+
+
+def _valid_forward(p: dict) -> None:
+    _valid_block_range(p)
+    seen = set()
+    for i, r in enumerate(p["rows"]):
+        if len(r["token_ids"]) != r["n_tokens"]:
+            raise InvalidPayload(f"payload.rows[{i}].token_ids has {len(r['token_ids'])} ids; n_tokens is {r['n_tokens']}")
+        if r["session_id"] in seen:
+            raise InvalidPayload(f"payload.rows[{i}]: session {r['session_id']} appears twice in one forward")
+        seen.add(r["session_id"])
 
 
 MESSAGE_TYPES: dict[str, MessageSpec] = {
@@ -581,22 +635,50 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         "block_range": Record(fields=BLOCK_RANGE.fields, nullable=True), "sessions": Int(),
     }, check=_valid_block_range),
     "leave": MessageSpec(frozenset({WORKER, BACKUP})),
-    # inference: the chat server connects as admin
-    "inference_request": MessageSpec(frozenset({ADMIN}), {
+    # inference: the chat server asks its daemon (control link); the admin daemon answers
+    "inference_request": MessageSpec(frozenset({ADMIN, CONTROL}), {
         "input_ids": IntList(max_items=MAX_INPUT_IDS, hi=MAX_TOKEN_ID),
         "attention_mask": IntList(max_items=MAX_INPUT_IDS, lo=0, hi=1, nullable=True),
         "max_length": Int(lo=2, hi=MAX_TOTAL_LENGTH),
+        "sampling": Record(fields=SAMPLING_FIELDS, nullable=True),
     }, session="required", check=_valid_inference_request),
-    "inference_response": MessageSpec(frozenset({WORKER}), {
+    "inference_response": MessageSpec(frozenset({ADMIN, WORKER}), {
         "token_id": Int(hi=MAX_TOKEN_ID, nullable=True), "text": Str(max_len=4096, min_len=0),
         "done": Bool(), "finish_reason": Str(max_len=16, choices=("stop", "length", "cancelled"), nullable=True),
+        "usage": FlatObject(nullable=True),
     }, session="required", check=_valid_inference_response),
-    "forward": MessageSpec(frozenset({ADMIN, WORKER}), {
-        "start_pos": Int(hi=MAX_POSITION), "block_range": BLOCK_RANGE,
-    }, session="required", tensor=True, check=_valid_block_range),
+    "inference_cancel": MessageSpec(frozenset({ADMIN, CONTROL}), session="required"),
+    # stages: the admin drives every stage of the chain over the member links (client-orchestrated)
+    "forward": MessageSpec(frozenset({ADMIN}), {
+        "block_range": BLOCK_RANGE, "rows": FORWARD_ROWS,
+    }, session="required", tensor=True, check=_valid_forward),
     "forward_result": MessageSpec(frozenset({WORKER}), {
-        "start_pos": Int(hi=MAX_POSITION), "block_range": BLOCK_RANGE,
-    }, session="required", tensor=True, check=_valid_block_range),
+        "block_range": BLOCK_RANGE, "rows": FORWARD_ROWS,
+    }, session="required", tensor=True, check=_valid_forward),
+    "session_query": MessageSpec(frozenset({ADMIN}), {
+        "token_ids": IntList(max_items=MAX_TOTAL_LENGTH, min_items=0, hi=MAX_TOKEN_ID),
+    }, session="required"),
+    "session_save": MessageSpec(frozenset({ADMIN}), session="required"),
+    "session_drop": MessageSpec(frozenset({ADMIN}), session="required"),
+    "session_info": MessageSpec(frozenset({WORKER}), {
+        "cached_tokens": Int(hi=MAX_TOTAL_LENGTH), "n_tokens": Int(hi=MAX_TOTAL_LENGTH), "saved": Bool(),
+    }, session="required"),
+    "sessions_request": MessageSpec(frozenset({ADMIN})),
+    "sessions_response": MessageSpec(frozenset({WORKER}), {
+        "sessions": RecordList(fields=SESSION_FIELDS, max_items=1000),
+    }),
+    # block distribution: the admin sends a worker the tensors of its range (docs/PROTOCOL.md)
+    "blocks_offer": MessageSpec(frozenset({ADMIN}), {
+        "epoch": Int(), "model_sha256": Str(max_len=64, min_len=64), "block_range": BLOCK_RANGE,
+        "shard_sha256": Str(max_len=64, min_len=64), "shard_bytes": Int(lo=1), "chunk_bytes": Int(lo=1, hi=MAX_BLOCK_CHUNK),
+    }, check=_valid_block_range),
+    "blocks_chunk": MessageSpec(frozenset({ADMIN}), {
+        "shard_sha256": Str(max_len=64, min_len=64), "offset": Int(), "sha256": Str(max_len=64, min_len=64),
+    }, session="required", tensor=True),
+    "blocks_status": MessageSpec(frozenset({WORKER}), {
+        "shard_sha256": Str(max_len=64, min_len=64), "have_bytes": Int(),
+        "state": Str(max_len=16, choices=BLOCK_STATES), "message": Str(max_len=1024, min_len=0),
+    }, session="optional"),
     # the local control endpoint
     "control": MessageSpec(frozenset({CONTROL}), {
         "command": Str(max_len=64), "args": JsonObject(),
@@ -648,6 +730,8 @@ class Message:
     timestamp: float
     payload: dict
     protocol_version: int = PROTOCOL_VERSION
+    #: the tensor frame that followed a ``tensor=True`` message on a link (never encoded)
+    tensor: Optional["TensorFrame"] = field(default=None, compare=False, repr=False)
 
     @property
     def spec(self) -> MessageSpec:
@@ -1119,7 +1203,7 @@ __all__ = [
     "InternalError", "InvalidPayload", "JOINER", "JsonObject", "MAX_CLOCK_SKEW_SECONDS", "MAX_FRAME_BYTES",
     "MAX_ID_CHARS", "MAX_INPUT_IDS", "MAX_JSON_FRAME_BYTES", "MAX_TENSOR_FRAME_BYTES", "MAX_TENSOR_NDIM",
     "MAX_TOTAL_LENGTH", "MEMBER_ROLES", "MESSAGE_TYPES", "MalformedFrame", "Message", "MessageSpec", "NotAuthorized",
-    "NotFound", "PROTOCOL_VERSION", "ProtocolError", "ROLES", "Record", "SUBPROTOCOL", "SUPPORTED_VERSIONS", "Str",
+    "NotFound", "PROTOCOL_VERSION", "ProtocolError", "ROLES", "Record", "RecordList", "FORWARD_ROWS", "MAX_FORWARD_ROWS", "MAX_BLOCK_CHUNK", "BLOCK_STATES", "SAMPLING_FIELDS", "SESSION_FIELDS", "SUBPROTOCOL", "SUPPORTED_VERSIONS", "Str",
     "TENSOR_DTYPES", "TENSOR_MAGIC", "TensorFrame", "UnexpectedMessage", "UnknownMessageType", "UnsupportedVersion",
     "WEBSOCKET_OPTIONS", "WORKER", "authorize", "b64", "unb64", "block_range_from_wire", "block_range_to_wire", "canonical_json",
     "check_frame_size", "check_schema", "check_tensor_for", "config_signed_bytes",

@@ -151,7 +151,7 @@ async def _usage(ctx: CommandContext, pool: KeyPool, rest: list[str]) -> str:
     ]
     ordered = sorted(per_key_day.items(), key=lambda kv: (kv[0][0], names.get(kv[0][1], "")), reverse=True)
     for (day, key_id), (req, tin, tout) in ordered[:MAX_USAGE_ROWS]:
-        lines.append(f"| {day} | `{names.get(key_id, 'removed key')}` | {req:,} | {tin:,} | {tout:,} |")
+        lines.append(f"| {day} | `{names.get(key_id) or (key_id if key_id.startswith('cluster:') else 'removed key')}` | {req:,} | {tin:,} | {tout:,} |")
     if len(ordered) > MAX_USAGE_ROWS:
         lines.append(f"| … | {len(ordered) - MAX_USAGE_ROWS} older rows | | | |")
     lines += ["", "**By user**", ""]

@@ -5,6 +5,9 @@ Every subcommand is one call to the local worker daemon's control endpoint
 Markdown reply. The network the chat uses is kept server-wide by
 ``ctx.services["network_choice"]`` (:class:`argus.cluster_state.NetworkChoice`).
 
+``/network sessions`` lists the sessions (KV caches) the workers keep for the chat's
+conversations, named by the conversation's title when it is the admin's own, and drops one.
+
 This module also holds what ``/workers`` shares with it: the daemon call that
 turns the daemon's errors into one sentence (:func:`daemon_call`), choosing the
 network when none is named (:func:`choose_network`), id checks and the
@@ -16,6 +19,7 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError, escape_md, format_time
+from argus.store.base import NotFound
 from worker.control import ControlError, DaemonUnavailable
 from worker.protocol import ID_PATTERN, ID_RULE
 
@@ -44,9 +48,13 @@ SUBCOMMANDS = """\
 - `/network join <token>` — join a network with a token from its admin
 - `/network discover` — networks answering on the local network
 - `/network status [network]` — one network in detail, with who has which config version
-- `/network use <network>` — the network the chat uses from now on (for everyone on this server)
+- `/network use <network>` — the network the chat uses from now on (for everyone on this server): its model, split over its workers, answers new messages
+- `/network sessions [network]` — the conversations the workers keep a session (KV cache) for, with size, tokens and age
+- `/network sessions drop <session>` — forget one of them on every node (the conversation itself stays)
 - `/network autoapprove [network] on|off` — let machines with a valid token join without `/workers approve`
-- `/network leave <network>` — leave a network"""
+- `/network leave <network>` — leave a network
+
+Spread the model over the workers with `/workers plan` and `/workers rebalance`."""
 
 
 class ClusterReply(Exception):
@@ -380,7 +388,105 @@ async def _use(ctx: CommandContext, rest: list[str]) -> str:
         known = ", ".join(code(n["network_id"]) for n in networks) or "none"
         return f"This machine is not in a network {code(nid)} (its networks: {known})."
     await ctx.call(choice.use, nid)
-    return f"The chat now uses network **{escape_md(str(net.get('name', '')))}** ({code(nid)}), for everyone on this server."
+    head = f"The chat now uses network **{escape_md(str(net.get('name', '')))}** ({code(nid)}), for everyone on this server"
+    if net.get("role") != "admin":
+        return (
+            f"{head}, for the commands. This machine is a {net.get('role', 'member')} of it, not its admin, so the "
+            "network does not answer chat messages here: only its admin's chat can have it answer."
+        )
+    reply = f"{head}: its model answers new messages (unless someone picks another one with `/model`)."
+    try:
+        ready = (await daemon_call(ctx, "distribution_status", network_id=nid)).get("ready")
+    except ClusterReply:
+        ready = True  # the answer itself will say what is wrong
+    if not ready:
+        reply += (
+            " Its blocks are not all loaded on its workers yet (`/workers blocks`; `/workers rebalance` sends them); "
+            "until they are, the local model answers."
+        )
+    return reply
+
+
+MiB = 1024 * 1024
+
+
+def fmt_mib(n: Optional[int]) -> str:
+    """Bytes as MiB with one decimal: ``12.3 MiB``; None → a dash."""
+    return "—" if n is None else f"{n / MiB:.1f} MiB"
+
+
+async def conversation_title(ctx: CommandContext, session_id: str) -> Optional[str]:
+    """The title of the conversation a chat session id names (``<network>.<conversation id>``,
+    see ``worker.control.session_id_for``) when it is one of this user's, else None."""
+    _, dot, key = session_id.partition(".")
+    if not dot or not key:
+        return None
+    try:
+        conv = await ctx.call(ctx.store.get_conversation, key, ctx.user_id)
+    except NotFound:
+        return None
+    return conv.title
+
+
+def _saved_cell(s: dict, now: float) -> str:
+    saved = fmt_ago(s.get("saved_at"), now) if s.get("saved_at") is not None else "not yet"
+    return f"{saved}, in memory" if s.get("in_memory") else saved
+
+
+async def sessions_text(ctx: CommandContext, nid: str, sessions: Sequence[dict]) -> str:
+    """``/network sessions``'s reply for a ``sessions_list`` result: newest first."""
+    if not sessions:
+        return (
+            f"No conversation has a session on network {code(nid)} yet; one starts with the first message "
+            "answered by the network (`/network use`)."
+        )
+    now = ctx.clock()
+    ordered = sorted(sessions, key=lambda s: (not s.get("in_memory"), -(s.get("saved_at") or 0.0)))
+    rows = []
+    for s in ordered:
+        sid = str(s.get("session_id", ""))
+        title = await conversation_title(ctx, sid)
+        nodes = ", ".join(code(n) for n in s.get("nodes") or []) or "—"
+        rows.append([
+            escape_md(title) if title else code(sid), code(sid), fmt_mib(s.get("bytes")),
+            f"{int(s.get('n_tokens') or 0):,}", _saved_cell(s, now), nodes,
+        ])
+    headers = ["Conversation", "Session", "Size", "Tokens", "Saved", "Nodes"]
+    total = sum(int(s.get("bytes") or 0) for s in sessions)
+    return "\n".join([
+        f"Sessions kept by the workers of network {code(nid)}: {len(sessions)}, {fmt_mib(total)} in all.",
+        "",
+        table(headers, rows),
+        "",
+        "A continued conversation reuses its session, so only its new tokens are computed. "
+        "Forget one on every node with `/network sessions drop <session>`.",
+    ])
+
+
+async def _sessions(ctx: CommandContext, rest: list[str]) -> str:
+    if rest and rest[0].lower() == "drop":
+        return await _session_drop(ctx, rest[1:])
+    if len(rest) > 1:
+        raise CommandUsageError("Usage: /network sessions [network], or /network sessions drop <session>.")
+    nid = await choose_network(ctx, rest[0] if rest else None)
+    listing = await daemon_call(ctx, "sessions_list", network_id=nid)
+    return await sessions_text(ctx, nid, listing.get("sessions") or [])
+
+
+async def _session_drop(ctx: CommandContext, rest: list[str]) -> str:
+    if not 1 <= len(rest) <= 2:
+        raise CommandUsageError("Usage: /network sessions drop <session> [network], with a session from /network sessions.")
+    sid = check_id(rest[0], "session")
+    given = rest[1] if len(rest) == 2 else None
+    prefix = sid.partition(".")[0] if "." in sid else None
+    nid = await choose_network(ctx, given or prefix)
+    dropped = int((await daemon_call(ctx, "session_drop", network_id=nid, session_id=sid)).get("dropped") or 0)
+    if not dropped:
+        return f"No node of network {code(nid)} has session {code(sid)}; `/network sessions` lists the ones they keep."
+    return (
+        f"Dropped session {code(sid)} on {dropped} node{'s' if dropped != 1 else ''} of network {code(nid)}. "
+        "Its conversation stays; its next answer computes the whole conversation again."
+    )
 
 
 _TTL = re.compile(r"(\d{1,6})\s*(s|sec|m|min|h|d)?", re.I)
@@ -449,6 +555,7 @@ _SUBCOMMANDS = {
     "leave": _leave,
     "status": _status,
     "use": _use,
+    "sessions": _sessions,
     "token": _token,
     "autoapprove": _autoapprove,
     "auto-approve": _autoapprove,
@@ -477,8 +584,8 @@ async def run(ctx: CommandContext, args: str) -> str:
 
 COMMAND = Command(
     name="network",
-    usage="/network create|list|discover|join|leave|status|use|token|autoapprove …",
-    description="Admins: create, join and manage this machine's worker networks (/network shows how).",
+    usage="/network create|list|discover|join|leave|status|use|sessions|token|autoapprove …",
+    description="Admins: create, join and manage this machine's worker networks and their sessions (/network shows how).",
     icon="network",
     run=run,
 )

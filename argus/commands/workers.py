@@ -1,4 +1,5 @@
-"""``/workers …`` — the members of a worker network: list, approve, allocate, remove (admins only).
+"""``/workers …`` — the members of a worker network: list, approve, allocate, remove, and where
+the model's blocks run: plan, rebalance, blocks (admins only).
 
 The network is the one named after the node, else the one the chat uses
 (``/network use``), else the only one this machine is in (see
@@ -9,14 +10,23 @@ happens on ``/workers remove <node> confirm`` from the same admin within
 :data:`CONFIRM_WINDOW_S`. Pending confirmations are kept in this process per
 (admin, network, node); a server restart forgets them, which only means asking
 again.
+
+``/workers rebalance`` applies the placement plan (``placement_apply``), then follows the
+distribution of the blocks to the workers (``distribution_status`` every :data:`POLL_S`
+seconds, for at most :data:`REBALANCE_WAIT_S`) in a task list in the chat: the server's
+``services["task_board"]`` makes one (an object whose ``async show(status, tasks)`` shows
+``(title, state)`` pairs, state ``ready``/``running``/``done``/``failed``); without it the
+progress goes to ``ctx.progress`` as one line, when there is one.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Optional, Sequence
 
-from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError
+from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError, escape_md
 from argus.commands.network import (
+    MiB,
     ClusterReply,
     check_id,
     choose_network,
@@ -24,14 +34,21 @@ from argus.commands.network import (
     daemon_call,
     fmt_ago,
     fmt_bytes,
+    fmt_mib,
     fmt_share,
+    network_in_use,
     table,
 )
+from worker.placement import Placement, PlacementInvalid
 
 #: Seconds a ``/workers remove`` waits for its ``confirm``.
 CONFIRM_WINDOW_S = 120.0
 #: Largest RAM or disk allocation accepted (1 PiB): larger is a typo.
 MAX_ALLOCATION_BYTES = 1 << 50
+#: Seconds between two looks at the distribution of the blocks, and the longest ``/workers
+#: rebalance`` follows it (the transfers go on after that; ``/workers blocks`` shows them).
+POLL_S = 0.5
+REBALANCE_WAIT_S = 600.0
 
 SUBCOMMANDS = """\
 **/workers** — the machines of a worker network (admins only); `[network]` may be left out when
@@ -41,7 +58,10 @@ this machine is in one network or the chat uses one (`/network use`):
 - `/workers approve <node> [network]` — let a machine that asked to join in
 - `/workers reject <node> [network]` — refuse it
 - `/workers allocate <node> [network] cpu=50% ram=2G disk=10G` — what the node may use (any of the three)
-- `/workers remove <node> [network]` — remove a member and revoke its certificate (asks to confirm)"""
+- `/workers remove <node> [network]` — remove a member and revoke its certificate (asks to confirm)
+- `/workers plan [network]` — which member would run which of the model's blocks, from their RAM allocations
+- `/workers rebalance [network]` — apply that plan: the blocks are sent to the workers, with progress here
+- `/workers blocks [network]` — which blocks each member holds now, and the transfers under way"""
 
 #: (user id, network id, node id) → deadline (UNIX seconds) of a ``/workers remove`` awaiting confirmation.
 _pending_removals: dict[tuple[str, str, str], float] = {}
@@ -273,12 +293,192 @@ async def _remove(ctx: CommandContext, rest: list[str]) -> str:
     )
 
 
+# ---------------------------------------------------------------------------
+# Placement and distribution of the blocks
+# ---------------------------------------------------------------------------
+def _holds(holds_embedding: bool, holds_head: bool) -> str:
+    parts = [name for name, flag in (("embedding", holds_embedding), ("head", holds_head)) if flag]
+    return ", ".join(parts) or "—"
+
+
+def plan_table(wire: dict) -> str:
+    """The table of a placement (``Placement.to_wire()``): node, blocks (first-last), count,
+    memory, embedding/head; members left without blocks last.
+
+    Raises:
+        PlacementInvalid: ``wire`` is not a placement.
+    """
+    placement = Placement.from_wire(wire)
+    rows = [
+        [code(a.node_id), f"{a.range.start}-{a.range.end - 1}", str(len(a.range)), fmt_bytes(a.bytes),
+         _holds(a.holds_embedding, a.holds_head)]
+        for a in placement.assignments
+    ]
+    rows += [[code(node), "none", "0", "—", "—"] for node in placement.unused]
+    return table(["Node", "Blocks", "Count", "Memory", "Embedding / head"], rows)
+
+
+def plan_text(nid: str, result: dict) -> str:
+    """``/workers plan``'s reply for a ``placement_plan`` result."""
+    wire = result.get("placement") or {}
+    try:
+        grid = plan_table(wire)
+    except PlacementInvalid as e:
+        return f"The daemon's plan for network {code(nid)} could not be read ({e}); see its log."
+    epoch, current = result.get("epoch"), result.get("current_epoch")
+    was = f"the placement in use is epoch {current}" if current is not None else "no placement is in use yet"
+    head = (
+        f"Placement plan for network {code(nid)}: the {wire.get('block_count', '?')} blocks of "
+        f"{code(wire.get('model_id'))} as epoch {epoch} ({was})."
+    )
+    notes = list(dict.fromkeys([*(result.get("notes") or []), *(wire.get("notes") or [])]))
+    parts = [head, "", grid]
+    if notes:
+        parts += ["", "Notes:", *(f"- {escape_md(str(n))}" for n in notes)]
+    if result.get("changes", True):
+        parts += ["", "Apply it with `/workers rebalance`: each worker is sent the blocks it lacks."]
+    else:
+        parts += ["", "This is the placement in use; `/workers rebalance` only makes sure every worker has its blocks."]
+    return "\n".join(parts)
+
+
+async def _plan(ctx: CommandContext, rest: list[str]) -> str:
+    if len(rest) > 1:
+        raise CommandUsageError("Usage: /workers plan [network].")
+    nid = await choose_network(ctx, rest[0] if rest else None)
+    return plan_text(nid, await daemon_call(ctx, "placement_plan", network_id=nid))
+
+
+#: distribution state → (the task's state in the task list, the words after the block range;
+#: None: the bytes received so far)
+_TRANSFER = {
+    "local": ("done", "already on this machine"),
+    "loaded": ("done", "loaded"),
+    "verified": ("running", "received and checked, loading"),
+    "receiving": ("running", None),
+    "need": ("ready", "waiting to be sent"),
+    "failed": ("failed", "failed"),
+    "offline": ("ready", "offline, waiting for it to come back"),
+}
+
+
+def transfer_task(w: dict) -> tuple[str, str]:
+    """The task-list line of one worker of a ``distribution_status`` result and its task state
+    (``ready``, ``running``, ``done``, ``failed``), e.g.
+    ``("node-b: blocks 15-29, 12.3/40.1 MiB (31%)", "running")``."""
+    state = str(w.get("state", ""))
+    task_state, words = _TRANSFER.get(state, ("ready", state or "unknown"))
+    sent, total = int(w.get("sent_bytes") or 0), int(w.get("total_bytes") or 0)
+    if words is None:
+        percent = f" ({100 * sent // total}%)" if total else ""
+        words = f"{sent / MiB:.1f}/{total / MiB:.1f} MiB{percent}"
+    elif state == "need" and total:
+        words = f"{fmt_mib(total)} {words}"
+    message = " ".join(str(w.get("message") or "").split())
+    if message and state in ("failed", "offline"):
+        words += f": {message}"
+    return f"{w.get('node_id', '?')}: blocks {w.get('block_range', '?')}, {words}", task_state
+
+
+def blocks_table(status: dict) -> str:
+    """The table of a ``distribution_status`` result: node, blocks, state, bytes sent (a dash
+    when nothing is sent: the node has its blocks already)."""
+    rows = []
+    for w in status.get("workers") or []:
+        title, _ = transfer_task(w)
+        total = w.get("total_bytes") or 0
+        sent = f"{fmt_mib(w.get('sent_bytes') or 0)} of {fmt_mib(total)}" if total else "—"
+        rows.append([code(w.get("node_id")), str(w.get("block_range", "—")), escape_md(title.split(", ", 1)[-1]), sent])
+    return table(["Node", "Blocks", "State", "Sent"], rows)
+
+
+def _outcome(status: dict) -> Optional[str]:
+    """``"ready"``, ``"failed"`` (a worker's transfer failed) or None (still going)."""
+    if status.get("ready"):
+        return "ready"
+    if any(w.get("state") == "failed" for w in status.get("workers") or []):
+        return "failed"
+    return None
+
+
+async def _blocks(ctx: CommandContext, rest: list[str]) -> str:
+    if len(rest) > 1:
+        raise CommandUsageError("Usage: /workers blocks [network].")
+    nid = await choose_network(ctx, rest[0] if rest else None)
+    status = await daemon_call(ctx, "distribution_status", network_id=nid)
+    if status.get("epoch") is None:
+        return f"Network {code(nid)} has no placement yet; see `/workers plan`, then `/workers rebalance`."
+    how = {
+        "ready": "ready: every member has loaded its blocks",
+        "failed": "not ready: sending the blocks failed",
+    }.get(_outcome(status) or "", "not ready yet: blocks are still being sent or loaded")
+    return "\n".join([f"Network {code(nid)}, placement epoch {status['epoch']}, is {how}.", "", blocks_table(status)])
+
+
+async def _network_name(ctx: CommandContext, nid: str) -> str:
+    networks = (await daemon_call(ctx, "network_list")).get("networks") or []
+    net = next((n for n in networks if n.get("network_id") == nid), None)
+    return str(net.get("name") or nid) if net else nid
+
+
+async def _rebalance(ctx: CommandContext, rest: list[str]) -> str:
+    if len(rest) > 1:
+        raise CommandUsageError("Usage: /workers rebalance [network].")
+    nid = await choose_network(ctx, rest[0] if rest else None)
+    applied = await daemon_call(ctx, "placement_apply", network_id=nid)
+    epoch = applied.get("epoch")
+    make_board = ctx.services.get("task_board")
+    board = make_board() if make_board is not None else None
+    deadline = ctx.clock() + REBALANCE_WAIT_S
+    while True:
+        status = await daemon_call(ctx, "distribution_status", network_id=nid)
+        outcome = _outcome(status)
+        tasks = [transfer_task(w) for w in status.get("workers") or []]
+        line = {"ready": "Ready", "failed": "Failed"}.get(outcome or "", f"Sending the blocks of epoch {epoch}…")
+        if board is not None:
+            await board.show(line, tasks)
+        elif ctx.progress is not None:
+            await ctx.progress(f"{line} " + "; ".join(title for title, _ in tasks))
+        if outcome is not None or ctx.clock() >= deadline:
+            break
+        await asyncio.sleep(POLL_S)
+    grid = blocks_table(status)
+    if outcome == "ready":
+        name = await _network_name(ctx, nid)
+        use = "The chat uses it already." if network_in_use(ctx) == nid else f"Select it for the chat with `/network use {nid}`."
+        n = len(status.get("workers") or [])
+        return "\n".join([
+            f"Network **{escape_md(name)}** ({code(nid)}) is ready: placement epoch {epoch} is loaded on "
+            f"{n} node{'s' if n != 1 else ''}. {use}",
+            "", grid,
+        ])
+    if outcome == "failed":
+        why = "; ".join(
+            f"{code(w.get('node_id'))}: {escape_md(' '.join(str(w.get('message') or 'no reason given').split()))}"
+            for w in status.get("workers") or [] if w.get("state") == "failed"
+        )
+        return "\n".join([
+            f"Sending the blocks of network {code(nid)} failed ({why}). Check the members with `/workers list`, "
+            "then send `/workers rebalance` again.",
+            "", grid,
+        ])
+    minutes = round(REBALANCE_WAIT_S / 60)
+    return "\n".join([
+        f"Network {code(nid)} is not ready after {minutes} minute{'s' if minutes != 1 else ''}; the transfers go on "
+        "in the background: follow them with `/workers blocks`.",
+        "", grid,
+    ])
+
+
 _SUBCOMMANDS = {
     "list": _list,
     "approve": _approve,
     "reject": _reject,
     "allocate": _allocate,
     "remove": _remove,
+    "plan": _plan,
+    "rebalance": _rebalance,
+    "blocks": _blocks,
 }
 
 
@@ -304,8 +504,8 @@ async def run(ctx: CommandContext, args: str) -> str:
 
 COMMAND = Command(
     name="workers",
-    usage="/workers list|approve|reject|allocate|remove …",
-    description="Admins: a network's machines, their resources and allocations (/workers shows how).",
+    usage="/workers list|approve|reject|allocate|remove|plan|rebalance|blocks …",
+    description="Admins: a network's machines, their resources and allocations, and which blocks of the model each runs (/workers shows how).",
     icon="server",
     run=run,
 )

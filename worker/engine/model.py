@@ -133,6 +133,37 @@ class Generation:
             m.pipeline.drop_session(session)
 
 
+def fit_chat(tokenizer: Tokenizer, messages: Sequence[dict], context_tokens: int, max_tokens: int) -> tuple[list[int], int]:
+    """The token ids of ``messages`` (``[{"role", "content"}]``, oldest first) under the chat
+    template with the generation prompt, and how many old messages were dropped to fit.
+
+    The prompt may take ``context_tokens - min(max_tokens, context_tokens // 4)`` tokens;
+    when it does not, the oldest messages after a leading system message are dropped, the
+    fewest that fit (binary search: O(log n) encodings, not one per message), the newest
+    message always kept. The result may still be longer than the window (one huge
+    message); the caller refuses it.
+    """
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    rest = msgs[len(system):]
+    budget = context_tokens - min(max_tokens, context_tokens // 4)
+
+    def encode(drop: int) -> list[int]:
+        return tokenizer.encode_chat(system + rest[drop:])
+
+    ids, dropped = encode(0), 0
+    if len(ids) > budget and len(rest) > 1:
+        lo, hi = 1, len(rest) - 1  # the answer lies in [lo, hi]; hi (newest only) is the last resort
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(encode(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        ids, dropped = encode(lo), lo
+    return ids, dropped
+
+
 class LocalModel:
     """A loaded model. Build with :meth:`load`.
 
@@ -180,21 +211,7 @@ class LocalModel:
         ``notice`` say so. The fewest drops that fit are found by binary
         search: O(log n) encodings of the conversation, not one per message.
         """
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        system = [m for m in msgs[:1] if m["role"] == "system"]
-        rest = msgs[len(system):]
-        budget = self.context_length - min(params.max_tokens, self.context_length // 4)
-        encode = lambda drop: self.tokenizer.encode_chat(system + rest[drop:])  # noqa: E731
-        ids, dropped = encode(0), 0
-        if len(ids) > budget and len(rest) > 1:
-            lo, hi = 1, len(rest) - 1  # the answer lies in [lo, hi]; hi (newest only) is the last resort
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if len(encode(mid)) <= budget:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            ids, dropped = encode(lo), lo
+        ids, dropped = fit_chat(self.tokenizer, messages, self.context_length, params.max_tokens)
         notice = None
         if dropped:
             notice = f"The conversation is longer than the model can read at once; the oldest {dropped} message(s) were left out."
