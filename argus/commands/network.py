@@ -573,11 +573,18 @@ async def run(ctx: CommandContext, args: str) -> str:
     words = args.split()
     if not words:
         return SUBCOMMANDS
-    handler = _SUBCOMMANDS.get(words[0].lower())
+    return await dispatch(ctx, "network", words, _SUBCOMMANDS)
+
+
+async def dispatch(ctx: CommandContext, command: str, words: Sequence[str], table: dict) -> str:
+    """Run subcommand ``words[0]`` of ``/command`` from ``table`` with the remaining words;
+    a ClusterReply becomes the answer. Raises CommandUsageError for an unknown subcommand."""
+    handler = table.get(words[0].lower())
     if handler is None:
-        raise CommandUsageError(f"`/network {words[0][:20].replace('`', '')}` is not a subcommand; send /network to see them.")
+        raise CommandUsageError(f"`/{command} {words[0][:20].replace('`', '')}` is not a subcommand; "
+                                f"send /{command} to see them.")
     try:
-        return await handler(ctx, words[1:])
+        return await handler(ctx, list(words[1:]))
     except ClusterReply as e:
         return str(e)
 

@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 
 from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError, escape_md
 from argus.commands.network import (
+    dispatch,
     MiB,
-    ClusterReply,
     check_id,
     choose_network,
     code,
@@ -493,13 +493,7 @@ async def run(ctx: CommandContext, args: str) -> str:
     words = re.sub(r"\s*=\s*", "=", args).split()  # "cpu = 50%" reads as "cpu=50%"
     if not words:
         return SUBCOMMANDS
-    handler = _SUBCOMMANDS.get(words[0].lower())
-    if handler is None:
-        raise CommandUsageError(f"`/workers {words[0][:20].replace('`', '')}` is not a subcommand; send /workers to see them.")
-    try:
-        return await handler(ctx, words[1:])
-    except ClusterReply as e:
-        return str(e)
+    return await dispatch(ctx, "workers", words, _SUBCOMMANDS)
 
 
 COMMAND = Command(
