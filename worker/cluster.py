@@ -37,7 +37,7 @@ import numpy as np
 
 from worker import protocol
 from worker.engine.sampling import Sampler, SamplingParams
-from worker.engine.shard import BlockRange
+from worker.engine.block_range import BlockRange
 from worker.link import LinkClosed
 from worker.placement import MemberCapacity, ModelShape, Placement, PlacementError, plan
 from worker.protocol import Conflict, InternalError, Message, NotFound, ProtocolError

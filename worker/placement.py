@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.shard import BlockRange
+from worker.engine.block_range import BlockRange
 from worker.resources import format_bytes
 
 if TYPE_CHECKING:

@@ -60,7 +60,7 @@ from worker.blocks import (
 from worker.engine.paged_kv import (
     DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SUFFIX, SessionFileError, SessionPagedKVCache, SessionStore, read_header,
 )
-from worker.engine.shard import BlockRange
+from worker.engine.block_range import BlockRange
 from worker.engine.stage import Stage
 from worker.protocol import Message, ProtocolError
 
@@ -136,7 +136,7 @@ class StageHost:
     def block_range(self) -> Optional[BlockRange]:
         """The blocks this node runs, or None before a stage is loaded."""
         stage = self._stage
-        return None if stage is None else stage.shard
+        return None if stage is None else stage.block_range
 
     @property
     def ready(self) -> bool:
@@ -238,7 +238,7 @@ class StageHost:
             with self._state_lock:  # release the old weights first: a small worker may not hold both
                 old, self._stage, self._store, self._shard_sha = self._stage, None, None, None
             if old is not None:
-                log.info("network %s: released blocks %s", self.network_id, range_label(old.shard))
+                log.info("network %s: released blocks %s", self.network_id, range_label(old.block_range))
             del old
             t0 = time.perf_counter()
             stage, store = await asyncio.to_thread(build)
@@ -253,8 +253,8 @@ class StageHost:
         if stage is None or store is None:
             raise StageNotLoaded(f"this node holds no blocks on network {self.network_id} yet; "
                                  "wait for the admin to finish sending them")
-        if block_range is not None and block_range != stage.shard:
-            raise WrongBlockRange(f"this node runs blocks {stage.shard}, not {block_range}; "
+        if block_range is not None and block_range != stage.block_range:
+            raise WrongBlockRange(f"this node runs blocks {stage.block_range}, not {block_range}; "
                                   "the placement changed: apply it again or wait for the new blocks")
         return stage, store
 
@@ -293,18 +293,18 @@ class StageHost:
             raise ValueError("a forward needs at least one row")
         if x.shape[:1] != (n_total,):
             raise ValueError(f"the rows cover {n_total} positions, the input tensor has shape {list(x.shape)}")
-        if stage.shard.is_first:
+        if stage.block_range.is_first:
             if x.ndim != 1 or x.dtype.kind not in "iu":
                 raise ValueError(f"the first blocks take token ids [N] int, got {x.dtype}{list(x.shape)}")
             if not np.array_equal(x, np.concatenate([ids for _, _, ids in batch])):
                 raise ValueError("the input token ids differ from the rows' token_ids")
         elif x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] != stage.cfg.d_model:
-            raise ValueError(f"blocks {stage.shard} take hidden states [N, {stage.cfg.d_model}] float, "
+            raise ValueError(f"blocks {stage.block_range} take hidden states [N, {stage.cfg.d_model}] float, "
                              f"got {x.dtype}{list(x.shape)}")
         return await self._run(self._forward_sync, stage, store, batch, x)
 
     def _forward_sync(self, stage: Stage, store: SessionStore, batch: list, x: np.ndarray) -> np.ndarray:
-        if not stage.shard.is_first:
+        if not stage.block_range.is_first:
             x = np.ascontiguousarray(x, dtype=np.float32)
         out = stage.forward_batch(batch, x)
         for sid, _, _ in batch:
@@ -381,7 +381,7 @@ class StageHost:
 
         def listing() -> list[dict]:
             rows: dict[str, dict] = {}
-            label = range_label(stage.shard) if stage is not None else ""
+            label = range_label(stage.block_range) if stage is not None else ""
             if store is not None:
                 for s in store.sessions():
                     rows[s.session_id] = {"session_id": s.session_id, "n_tokens": s.n_tokens, "bytes": s.nbytes,

@@ -7,7 +7,7 @@ Public API::
 from .gguf_file import LlamaConfig, ModelFile, ModelLoadError, default_model_path
 from .model import Generation, LocalModel
 from .sampling import Sampler, SamplingParams
-from .shard import BlockRange
+from .block_range import BlockRange
 from .stage import Pipeline, Stage
 
 __all__ = [

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
-from .shard import BlockRange
+from .block_range import BlockRange
 
 if TYPE_CHECKING:
     from .stage import Stage
@@ -73,9 +73,9 @@ class IncompatibleSessionFile(SessionFileError):
 
 
 class SessionPagedKVCache:
-    """Keys and values of the blocks of ``shard`` for one session, in pages of ``page_tokens`` positions.
+    """Keys and values of the blocks of ``block_range`` for one session, in pages of ``page_tokens`` positions.
 
-    Per block (``layer`` = 0 .. len(shard)-1, i.e. block ``shard.start + layer``),
+    Per block (``layer`` = 0 .. len(block_range)-1, i.e. block ``block_range.start + layer``),
     K and V each live in an arena [n_kv_head, capacity_pages * page_tokens,
     head_dim] f32 of whole pages; position ``p`` is in page ``p // page_tokens``.
     The first ``length`` positions are valid and ``token_ids[p]`` is the token
@@ -90,11 +90,11 @@ class SessionPagedKVCache:
 
     GROWTH = 1.5  # an arena grows to at least this many times its pages: O(1) amortized copying, <= 1/3 unused
 
-    def __init__(self, shard: BlockRange, n_kv_head: int, head_dim: int, page_tokens: int = PAGE_TOKENS):
+    def __init__(self, block_range: BlockRange, n_kv_head: int, head_dim: int, page_tokens: int = PAGE_TOKENS):
         if page_tokens < 1:
             raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
-        self.shard, self.n_kv_head, self.head_dim, self.page_tokens = shard, n_kv_head, head_dim, page_tokens
-        self.n_layers = len(shard)
+        self.block_range, self.n_kv_head, self.head_dim, self.page_tokens = block_range, n_kv_head, head_dim, page_tokens
+        self.n_layers = len(block_range)
         self.length = 0
         self.computed_positions = 0  # positions whose K/V were computed here (not loaded), summed over commits
         self._k = [self._arena(0) for _ in range(self.n_layers)]  # [layer] -> [n_kv, capacity, hd]
@@ -201,7 +201,7 @@ class SessionPagedKVCache:
     # --- files ------------------------------------------------------------------
     def header(self, session_id: str = "") -> dict:
         """What a file saved now would say about itself (see :meth:`save_to_disk`)."""
-        s = self.shard
+        s = self.block_range
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "session_id": session_id,
             "model_id": s.model_id, "block_start": s.start, "block_end": s.end, "block_total": s.total,
@@ -282,7 +282,7 @@ class SessionPagedKVCache:
                 raise IncompatibleSessionFile(
                     f"{path}: saved for {h.get('model_id')}[{h.get('block_start')}:{h.get('block_end')}]/{h.get('block_total')} "
                     f"(n_kv_head {h.get('n_kv_head')}, head_dim {h.get('head_dim')}, {h.get('dtype')}), "
-                    f"this stage is {self.shard} (n_kv_head {self.n_kv_head}, head_dim {self.head_dim}, float32)"
+                    f"this stage is {self.block_range} (n_kv_head {self.n_kv_head}, head_dim {self.head_dim}, float32)"
                 )
         if not isinstance(h.get("n_tokens"), int) or h["n_tokens"] < 0:
             raise SessionFileError(f"{path}: header has no valid n_tokens")
@@ -386,7 +386,7 @@ class SessionStore:
     def __init__(
         self,
         directory: PathLike,
-        shard: BlockRange,
+        block_range: BlockRange,
         n_kv_head: int,
         head_dim: int,
         *,
@@ -398,7 +398,7 @@ class SessionStore:
             raise ValueError(f"limits must be >= 0, got max_bytes={max_bytes}, max_sessions={max_sessions}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.shard, self.n_kv_head, self.head_dim, self.page_tokens = shard, n_kv_head, head_dim, page_tokens
+        self.block_range, self.n_kv_head, self.head_dim, self.page_tokens = block_range, n_kv_head, head_dim, page_tokens
         self.max_bytes, self.max_sessions = max_bytes, max_sessions
         self._lock = threading.Lock()
         self._index: dict[str, SavedSession] = {}
@@ -408,10 +408,10 @@ class SessionStore:
     @classmethod
     def for_stage(cls, stage: "Stage", directory: PathLike, **limits) -> "SessionStore":
         """A store for ``stage``'s block range and KV shape."""
-        return cls(directory, stage.shard, stage.cfg.n_kv_head, stage.cfg.head_dim, **limits)
+        return cls(directory, stage.block_range, stage.cfg.n_kv_head, stage.cfg.head_dim, **limits)
 
     def new_cache(self) -> SessionPagedKVCache:
-        return SessionPagedKVCache(self.shard, self.n_kv_head, self.head_dim, self.page_tokens)
+        return SessionPagedKVCache(self.block_range, self.n_kv_head, self.head_dim, self.page_tokens)
 
     def path_for(self, session_id: str) -> Path:
         """The file of ``session_id``: the id itself when it is plain lowercase, else a hash of it."""
@@ -467,8 +467,8 @@ class SessionStore:
         Raises IncompatibleSessionFile if ``cache`` is for another range or shape
         than this store, OSError if the disk refuses the write (nothing replaced).
         """
-        if (cache.shard, cache.n_kv_head, cache.head_dim) != (self.shard, self.n_kv_head, self.head_dim):
-            raise IncompatibleSessionFile(f"a cache for {cache.shard} cannot be saved in the store for {self.shard}")
+        if (cache.block_range, cache.n_kv_head, cache.head_dim) != (self.block_range, self.n_kv_head, self.head_dim):
+            raise IncompatibleSessionFile(f"a cache for {cache.block_range} cannot be saved in the store for {self.block_range}")
         path = self.path_for(session_id)
         size = cache.save_to_disk(path, session_id)
         saved = SavedSession(session_id, size, cache.n_tokens, self._touch(path), path)

@@ -54,7 +54,7 @@ from typing import Union
 import numpy as np
 
 from .gguf_file import LlamaConfig, ModelFile, ModelLoadError
-from .shard import BlockRange
+from .block_range import BlockRange
 
 FORMAT = "argus-shard"
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from .gguf_file import LlamaConfig, ModelFile
 from .kv_cache import KVCache
 from .ops import linear, rms_norm, rope_rotations, transformer_block_batch
 from .paged_kv import SessionPagedKVCache
-from .shard import BlockRange
+from .block_range import BlockRange
 
 if TYPE_CHECKING:
     from .shardfile import ShardFile
@@ -64,7 +64,7 @@ def load_block(mf: ModelFile, i: int) -> BlockWeights:
 
 
 class Stage:
-    """Runs blocks ``shard.start .. shard.end-1`` for many sessions.
+    """Runs blocks ``block_range.start .. block_range.end-1`` for many sessions.
 
     ``forward`` runs one session; ``forward_batch`` runs a step of several
     sessions at once, reading the weights once for all of them. Both are safe
@@ -78,7 +78,7 @@ class Stage:
 
     def __init__(
         self,
-        shard: BlockRange,
+        block_range: BlockRange,
         cfg: LlamaConfig,
         blocks: Sequence[BlockWeights],
         embedding: Optional[np.ndarray] = None,  # [vocab, d] f32, first and (tied) last stage
@@ -86,16 +86,16 @@ class Stage:
         output: Optional[np.ndarray] = None,  # [vocab, d] f32, last stage
         kv_cache: Optional[Callable[[str], SessionCache]] = None,  # session id -> its new cache
     ):
-        if len(blocks) != len(shard):
-            raise ValueError(f"{shard} needs {len(shard)} blocks, got {len(blocks)}")
-        if shard.is_first and embedding is None:
+        if len(blocks) != len(block_range):
+            raise ValueError(f"{block_range} needs {len(block_range)} blocks, got {len(blocks)}")
+        if block_range.is_first and embedding is None:
             raise ValueError("the first stage needs the token embedding")
-        if shard.is_last and (output_norm is None or output is None):
+        if block_range.is_last and (output_norm is None or output is None):
             raise ValueError("the last stage needs the output norm and head")
-        self.shard, self.cfg, self.blocks = shard, cfg, list(blocks)
+        self.block_range, self.cfg, self.blocks = block_range, cfg, list(blocks)
         self.embedding, self.output_norm, self.output = embedding, output_norm, output
         self._sessions: dict[str, SessionCache] = {}
-        self._new_cache = kv_cache or (lambda session_id: KVCache(len(shard), cfg.n_kv_head, cfg.head_dim))
+        self._new_cache = kv_cache or (lambda session_id: KVCache(len(block_range), cfg.n_kv_head, cfg.head_dim))
         self._lock = threading.Lock()
         self._rot = rope_rotations(np.arange(0), cfg.head_dim, cfg.rope_base)  # [positions, hd/2] complex64
 
@@ -109,24 +109,24 @@ class Stage:
 
     @classmethod
     def from_model_file(
-        cls, mf: "ModelFile | ShardFile", shard: BlockRange, kv_cache: Optional[Callable[[str], SessionCache]] = None
+        cls, mf: "ModelFile | ShardFile", block_range: BlockRange, kv_cache: Optional[Callable[[str], SessionCache]] = None
     ) -> "Stage":
-        """Load exactly the tensors ``shard`` needs from ``mf`` (dequantized to f32).
+        """Load exactly the tensors ``block_range`` needs from ``mf`` (dequantized to f32).
 
-        ``mf`` is a whole GGUF (:class:`ModelFile`) or a shard holding at least
-        ``shard``'s tensors (:class:`~worker.engine.shardfile.ShardFile`); both give
+        ``mf`` is a whole GGUF (:class:`ModelFile`) or a shard file holding at least
+        ``block_range``'s tensors (:class:`~worker.engine.shardfile.ShardFile`); both give
         the same float32 weights. Raises ModelLoadError (ShardFormatError for a
-        shard) if a tensor is missing.
+        range) if a tensor is missing.
         """
         cfg = mf.config
-        emb = mf.tensor("token_embd.weight") if (shard.is_first or (shard.is_last and cfg.tied_output)) else None
+        emb = mf.tensor("token_embd.weight") if (block_range.is_first or (block_range.is_last and cfg.tied_output)) else None
         out = None
-        if shard.is_last:
+        if block_range.is_last:
             out = emb if cfg.tied_output else mf.tensor("output.weight")
         return cls(
-            shard, cfg, [load_block(mf, i) for i in shard],
-            embedding=emb if shard.is_first else None,
-            output_norm=mf.tensor("output_norm.weight") if shard.is_last else None,
+            block_range, cfg, [load_block(mf, i) for i in block_range],
+            embedding=emb if block_range.is_first else None,
+            output_norm=mf.tensor("output_norm.weight") if block_range.is_last else None,
             output=out, kv_cache=kv_cache,
         )
 
@@ -187,14 +187,14 @@ class Stage:
         Raises ValueError for a wrong input shape/dtype or a position gap.
         """
         h = self._input(x)
-        if self.shard.is_first:
+        if self.block_range.is_first:
             token_ids = np.asarray(x) if token_ids is None else token_ids
         n = h.shape[0]
         kv = self._cache(session_id)
         self._check_position(session_id, kv, start_pos)
         h = self._blocks(h, self._rotations(start_pos, start_pos + n), [(kv, start_pos, n)])
         self._commit(kv, start_pos + n, token_ids)
-        if not self.shard.is_last:
+        if not self.block_range.is_last:
             return h
         return self._head(h if all_logits else h[-1:])  # [n or 1, vocab]
 
@@ -231,7 +231,7 @@ class Stage:
         h = self._input(x)
         if h.shape[0] != sum(ns):
             raise ValueError(f"the rows cover {sum(ns)} positions but the input has {h.shape[0]}")
-        if self.shard.is_first and not np.array_equal(np.asarray(x), np.concatenate(ids)):
+        if self.block_range.is_first and not np.array_equal(np.asarray(x), np.concatenate(ids)):
             raise ValueError("the first stage's token ids must be the rows' token ids concatenated")
         caches = [self._cache(sid) for sid in sids]
         for sid, kv, start in zip(sids, caches, starts):
@@ -243,14 +243,14 @@ class Stage:
         h = self._blocks(h, rot, segments, bounds if per_session else None)
         for kv, start, n, row_ids in zip(caches, starts, ns, ids):
             self._commit(kv, start + n, row_ids)
-        if not self.shard.is_last:
+        if not self.block_range.is_last:
             return h
         last = h[np.asarray(bounds[1:]) - 1]  # [B, d]
         return self._head(last, list(range(len(rows) + 1)) if per_session else None)  # [B, vocab]
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         """Check ``x`` and make the first block's input: [n, d] f32 (embedded ids on the first stage)."""
-        if self.shard.is_first:
+        if self.block_range.is_first:
             x = np.asarray(x)
             if x.ndim != 1 or x.dtype.kind not in "iu":
                 raise ValueError(f"first stage expects token ids [n] int, got {x.dtype}{list(x.shape)}")
@@ -259,7 +259,7 @@ class Stage:
             return self.embedding[x]  # [n, d]
         h = np.asarray(x, dtype=np.float32)
         if h.ndim != 2 or h.shape[1] != self.cfg.d_model:
-            raise ValueError(f"stage {self.shard} expects hidden states [n, {self.cfg.d_model}], got {list(h.shape)}")
+            raise ValueError(f"stage {self.block_range} expects hidden states [n, {self.cfg.d_model}], got {list(h.shape)}")
         return h
 
     @staticmethod
@@ -298,7 +298,7 @@ class Pipeline:
     """
 
     def __init__(self, stages: Sequence[Stage]):
-        ranges = [s.shard for s in stages]
+        ranges = [s.block_range for s in stages]
         if not ranges or not ranges[0].is_first or not ranges[-1].is_last or any(
             a.end != b.start for a, b in zip(ranges, ranges[1:])
         ):

@@ -1,0 +1,1 @@
+"""Jarvis Argus test suite: one folder per area, harnesses in tests/support."""
