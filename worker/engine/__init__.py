@@ -8,9 +8,10 @@ from .gguf_file import LlamaConfig, ModelFile, ModelLoadError, default_model_pat
 from .model import Generation, LocalModel
 from .sampling import Sampler, SamplingParams
 from .block_range import BlockRange
+from .decoding import DecodeStep, Decoder
 from .stage import Pipeline, Stage
 
 __all__ = [
-    "BlockRange", "Generation", "LlamaConfig", "LocalModel", "ModelFile", "ModelLoadError",
+    "BlockRange", "DecodeStep", "Decoder", "Generation", "LlamaConfig", "LocalModel", "ModelFile", "ModelLoadError",
     "Pipeline", "Sampler", "SamplingParams", "Stage", "default_model_path",
 ]

@@ -13,7 +13,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .gguf_file import ModelFile, ModelLoadError, default_model_path
-from .sampling import Sampler, SamplingParams
+from .decoding import Decoder
+from .sampling import SamplingParams
 from .stage import Pipeline
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -96,8 +97,8 @@ class Generation:
             )
             return
         max_new = min(self.params.max_tokens, ctx - len(self.prompt_ids))
-        sampler = Sampler(self.params)
-        decoder = m.tokenizer.stream_decoder()
+        decoder = Decoder(m.tokenizer, self.params.with_max_tokens(max_new), self.prompt_ids)
+        self.generated_ids = decoder.generated_ids
         session = uuid.uuid4().hex
         try:
             if self.cancel.is_set():
@@ -105,27 +106,20 @@ class Generation:
                 return
             logits = prefill(m.pipeline, session, self.prompt_ids)
             pos = len(self.prompt_ids)
-            history = list(self.prompt_ids)
             while True:
                 if self.cancel.is_set():
-                    self.finish_reason = "cancelled"
+                    decoder.cancel()
                     break
-                tok = sampler(logits, history)
-                if tok in m.tokenizer.stop_ids:
-                    self.finish_reason = "stop"
-                    break
-                self.generated_ids.append(tok)
-                history.append(tok)
-                piece = decoder.push(tok)
-                if piece:
-                    yield piece
-                if len(self.generated_ids) >= max_new:
-                    self.finish_reason = "length"
-                    if max_new < self.params.max_tokens:
+                step = decoder.step(logits)
+                if step.text:
+                    yield step.text
+                if step.done:
+                    if step.finish_reason == "length" and max_new < self.params.max_tokens:
                         self.notice = "The answer was cut off: it reached the end of the model's context window."
                     break
-                logits = m.pipeline.forward(session, np.asarray([tok], dtype=np.int64), pos)[0]
+                logits = m.pipeline.forward(session, np.asarray([step.token_id], dtype=np.int64), pos)[0]
                 pos += 1
+            self.finish_reason = decoder.finish_reason
             tail = decoder.flush()
             if tail:
                 yield tail

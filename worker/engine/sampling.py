@@ -47,6 +47,32 @@ class SamplingParams:
     def with_max_tokens(self, n: int) -> "SamplingParams":
         return replace(self, max_tokens=n)
 
+    def to_wire(self) -> dict:
+        """The ``sampling`` record of an ``inference_request`` (``worker.protocol.SAMPLING_FIELDS``
+        less ``ignore_eos``): temperature, top_p, top_k, repetition_penalty, seed. The token
+        limit travels apart (``max_length``)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+
+    @classmethod
+    def from_wire(cls, sampling: Optional[dict], max_tokens: int) -> "SamplingParams":
+        """The inverse of :meth:`to_wire`: no record at all means greedy; a field that is absent
+        or null takes the default (greedy's when the temperature is 0). ``max_tokens`` >= 1 is
+        enforced. Raises ValueError for out-of-range values."""
+        s = sampling or {}
+        temperature = s.get("temperature")
+        if temperature is None:
+            temperature = 0.0 if sampling is None else cls.temperature
+        base = cls.greedy() if float(temperature) == 0.0 else cls()
+
+        def pick(name: str, kind: type):
+            value = s.get(name)
+            return getattr(base, name) if value is None else kind(value)
+
+        return cls(temperature=float(temperature), top_k=pick("top_k", int), top_p=pick("top_p", float),
+                   repetition_penalty=pick("repetition_penalty", float), max_tokens=max(1, max_tokens),
+                   seed=s.get("seed"))
+
 
 class Sampler:
     """Stateful sampler for one generation (holds the RNG seeded by ``params.seed``)."""

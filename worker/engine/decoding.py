@@ -1,0 +1,83 @@
+"""One answer's decoding step: logits in -> token, text piece, finish reason out.
+
+Both generation loops drive it — the local one (:class:`worker.engine.model.Generation`,
+a thread) and the network's (the admin daemon's loop over pipelined stages) — so sampling,
+stop tokens, the token limit and UTF-8-safe text pieces behave the same everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+#: Why an answer ended: a stop token, the token limit, or the caller cancelled it.
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """What one step produced.
+
+    ``token_id``: the sampled token, or None when the step sampled a stop token (which is
+    not part of the answer). ``text``: the text the token completes (may be "" while a
+    multi-byte character is incomplete). ``finish_reason``: None to go on, "stop" or "length".
+    """
+
+    token_id: Optional[int]
+    text: str
+    finish_reason: Optional[str]
+
+    @property
+    def done(self) -> bool:
+        """True when the answer ended with this step (no further forward pass is needed)."""
+        return self.finish_reason is not None
+
+
+class Decoder:
+    """Turns each position's logits into the next token and its text for one answer.
+
+    ``prompt_ids``: the prompt (the repetition penalty looks at it and at the answer);
+    ``params``: sampling settings, ``params.max_tokens`` generated tokens at most;
+    ``ignore_eos``: keep going past stop tokens (benchmarks).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: Sequence[int] = (),
+                 *, ignore_eos: bool = False):
+        self.params = params
+        self.sampler = Sampler(params)
+        self.stop_ids = frozenset() if ignore_eos else tokenizer.stop_ids
+        self.text = tokenizer.stream_decoder()
+        self.history: list[int] = list(prompt_ids)
+        self.generated_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+
+    def step(self, logits: np.ndarray) -> DecodeStep:
+        """logits [n_vocab] float32 of the last position -> the next :class:`DecodeStep`.
+
+        Raises RuntimeError when called after the answer finished.
+        """
+        if self.finish_reason is not None:
+            raise RuntimeError(f"the answer already finished ({self.finish_reason})")
+        token = self.sampler(logits, self.history)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return DecodeStep(None, "", "stop")
+        self.generated_ids.append(token)
+        self.history.append(token)
+        piece = self.text.push(token)
+        if len(self.generated_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return DecodeStep(token, piece, self.finish_reason)
+
+    def cancel(self) -> None:
+        """Mark the answer as cancelled by its caller (a Stop, a closed connection)."""
+        self.finish_reason = self.finish_reason or "cancelled"
+
+    def flush(self) -> str:
+        """Text held back at the end of the answer (bytes of an incomplete character, decoded with
+        errors='replace'); "" when nothing is held back."""
+        return self.text.flush()
