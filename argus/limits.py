@@ -1,13 +1,19 @@
-"""Request body limits, enforced before Chainlit or FastAPI read a byte.
+"""Request body limits on every path, enforced before Chainlit or FastAPI read a byte.
 
-Chainlit's ``POST /project/file`` reads the whole upload into memory before
-it checks the size (and FastAPI parses the form before authentication), and
-``POST /login`` / ``POST /signup`` would accept bodies of any size.
-:class:`BodyLimitMiddleware` answers ``413`` instead:
+Chainlit reads request bodies whole into memory, before authentication
+(``POST /set-session-cookie`` and ``POST /project/threads`` parse JSON of any
+size; ``POST /project/file`` reads the whole upload before it checks the
+size). :class:`BodyLimitMiddleware` answers ``413`` instead:
 
 * at once, from ``Content-Length``, when it announces more than the limit;
 * for bodies without ``Content-Length`` (chunked), by counting the bytes as
   they arrive and stopping the request as soon as the count passes the limit.
+
+The limits (:func:`body_limits`): the upload limit (``ARGUS_MAX_UPLOAD_MB``)
+plus multipart overhead on ``/project/file`` only; 16 KiB on ``/login`` and
+``/signup``; ``ARGUS_MAX_BODY_KB`` (default 1024 KiB) on every other path,
+socket.io's polling posts included (engine.io's own limit is 1,000,000 bytes).
+Websocket messages are not HTTP bodies: engine.io limits those.
 
 :func:`install_body_limits` puts it in front of Chainlit's app (idempotent,
 also across Chainlit's ``-w`` reload) and makes ``ARGUS_MAX_UPLOAD_MB`` the
@@ -16,6 +22,7 @@ single source of Chainlit's ``spontaneous_file_upload.max_size_mb`` too.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 Scope = dict[str, Any]
@@ -28,6 +35,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MULTIPART_OVERHEAD = 64 * 1024
 #: Largest ``/login`` or ``/signup`` body, in bytes.
 FORM_LIMIT = 16 * 1024
+#: Largest body on any other path, in bytes, unless ``ARGUS_MAX_BODY_KB`` says otherwise.
+DEFAULT_BODY_LIMIT = 1024 * 1024
+#: The setting: largest request body on paths without their own limit, in KiB.
+MAX_BODY_VAR = "ARGUS_MAX_BODY_KB"
 _MARK = "_argus_body_limit"  # attribute marking our middleware class (survives module reloads)
 
 
@@ -41,7 +52,9 @@ class BodyLimitMiddleware:
     Args:
         app: the wrapped ASGI app.
         limits: exact path (after ``rstrip("/")``) → ``(max body bytes,
-            JSON-serialisable 413 response body)``. Other paths pass untouched.
+            JSON-serialisable 413 response body)``.
+        default: the same pair for every other HTTP path; None: other paths
+            pass untouched.
 
     A refused request gets ``413`` with the given JSON and ``Connection:
     close``. When the app had already started its response before the limit
@@ -50,12 +63,13 @@ class BodyLimitMiddleware:
 
     _argus_body_limit = True  # see _MARK
 
-    def __init__(self, app: ASGIApp, limits: Mapping[str, tuple[int, Any]]):
+    def __init__(self, app: ASGIApp, limits: Mapping[str, tuple[int, Any]], default: Optional[tuple[int, Any]] = None):
         self.app = app
         self.limits = {path.rstrip("/"): limit for path, limit in limits.items()}
+        self.default = default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.limits.get(scope.get("path", "").rstrip("/")) if scope["type"] == "http" else None
+        limit = self.limits.get(scope.get("path", "").rstrip("/"), self.default) if scope["type"] == "http" else None
         if limit is None:
             return await self.app(scope, receive, send)
         max_bytes, body = limit
@@ -133,26 +147,58 @@ def body_limits(max_upload_bytes: int, root_path: str = "") -> dict[str, tuple[i
     }
 
 
+def max_body_bytes(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The limit on paths without their own, in bytes: ``ARGUS_MAX_BODY_KB`` × 1024
+    (empty or unset: :data:`DEFAULT_BODY_LIMIT`).
+
+    Raises:
+        ConfigError: not a whole number of KiB between 16 and 1048576 (1 GiB).
+    """
+    from argus.config import ConfigError
+
+    raw = (os.environ if environ is None else environ).get(MAX_BODY_VAR, "").strip()
+    if not raw:
+        return DEFAULT_BODY_LIMIT
+    try:
+        kib = int(raw)
+    except ValueError:
+        raise ConfigError(f"{MAX_BODY_VAR} must be a whole number of KiB, got {raw!r}") from None
+    if not 16 <= kib <= 1024 * 1024:
+        raise ConfigError(f"{MAX_BODY_VAR} must be between 16 and 1048576 (KiB), got {kib}")
+    return kib * 1024
+
+
+def default_limit(max_bytes: int) -> tuple[int, Any]:
+    """The ``default`` of :class:`BodyLimitMiddleware` for ``max_bytes`` (bytes)."""
+    return max_bytes, {"detail": f"The request body is larger than the {max_bytes / 1024:g} KB limit."}
+
+
 def install_body_limits(max_upload_bytes: int, app=None) -> None:
     """Install :class:`BodyLimitMiddleware` as the outermost user middleware of
     Chainlit's app, and set Chainlit's ``spontaneous_file_upload.max_size_mb``
     (what the browser enforces) from ``max_upload_bytes`` (bytes; rounded up
     to whole MB). Call from the Chainlit app module, before the server starts
-    (idempotent; on a ``-w`` reload the middleware stack is rebuilt).
+    (idempotent; on a ``-w`` reload the middleware stack is rebuilt). Every
+    other path gets :func:`max_body_bytes` (``ARGUS_MAX_BODY_KB``).
 
     Args:
         max_upload_bytes: largest accepted image, in bytes (``settings.max_upload_bytes``).
         app: the FastAPI app; default ``chainlit.server.app``.
+
+    Raises:
+        ConfigError: a bad ``ARGUS_MAX_BODY_KB``.
     """
     from chainlit.config import config
     from starlette.middleware import Middleware
 
+    default = default_limit(max_body_bytes())
     if app is None:
         from chainlit.server import app
     upload = config.features.spontaneous_file_upload
     if upload is not None:
         upload.max_size_mb = -(-max_upload_bytes // 1024**2)
     stack = [m for m in app.user_middleware if not getattr(m.cls, _MARK, False)]
-    stack.insert(0, Middleware(BodyLimitMiddleware, limits=body_limits(max_upload_bytes, config.run.root_path or "")))
+    limits = body_limits(max_upload_bytes, config.run.root_path or "")
+    stack.insert(0, Middleware(BodyLimitMiddleware, limits=limits, default=default))
     app.user_middleware[:] = stack
     app.middleware_stack = None  # built on the first request (or rebuilt after a reload)

@@ -30,9 +30,8 @@ import html
 import json
 import logging
 import math
-import os
 from typing import Callable, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -40,6 +39,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 from starlette.exceptions import HTTPException
 
 from argus.auth import Authenticator, LoginThrottled, SignupError, SignupThrottled
+from argus.origins import current_policy
 from argus.store import StoreUnavailable
 
 MAX_BODY_BYTES = 16 * 1024
@@ -79,20 +79,18 @@ def _client_host(request: Request) -> Optional[str]:
 
 
 def _same_origin(request: Request) -> bool:
-    """CSRF guard. Browsers always send ``Origin`` on cross-site POSTs; it must
-    name this server: the ``Host`` header (a reverse proxy must pass it on) or
-    the host of ``CHAINLIT_URL``. ``X-Forwarded-Host`` is not trusted (any
-    client can send it). Without an ``Origin``
-    (non-browser clients) only a JSON body is accepted, which a cross-site
-    HTML form cannot send."""
-    origin = request.headers.get("origin")
-    if origin is None:
+    """CSRF and DNS-rebinding guard of the sign-up post. ``Origin`` (browsers send it on
+    every cross-site POST) must be one of this server's origins
+    (:meth:`argus.origins.OriginPolicy.origin_allowed`: ``CHAINLIT_URL``, the loopback
+    names, ``ARGUS_ALLOWED_HOSTS``), never compared with the ``Host`` header (a
+    rebinding page controls both); ``X-Forwarded-Host`` is not trusted either. A
+    ``Sec-Fetch-Site`` other than same-origin/none is refused. Without an ``Origin``
+    (non-browser clients) only a JSON body is accepted, which a cross-site HTML form
+    cannot send."""
+    verdict = current_policy().same_origin({k.lower(): v for k, v in request.headers.items()})
+    if verdict is None or (verdict and "origin" not in request.headers):
         return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-    hosts = {request.headers.get("host", "").lower()}
-    if public_url := os.environ.get("CHAINLIT_URL"):
-        hosts.add(urlsplit(public_url).netloc.lower())
-    hosts.discard("")
-    return origin != "null" and urlsplit(origin).netloc.lower() in hosts
+    return verdict
 
 
 async def _read_fields(request: Request) -> dict:

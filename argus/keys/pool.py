@@ -174,14 +174,20 @@ class KeyPool:
         """Add an admin's key: sealed, stored, enabled.
 
         Raises:
-            KeyPoolError: unknown provider, or not a plausible key (the message never repeats it).
+            KeyPoolError: unknown provider, or not a plausible key (the message repeats
+                neither argument: either may be the key, e.g. when they were swapped).
             KeyExists: the key is already in the pool (from the environment or added before).
             StoreUnavailable.
         """
         provider = provider.strip().lower()
-        if provider not in self.providers:
-            raise KeyPoolError(f"Unknown provider {provider[:20]!r}; use one of: {', '.join(self.providers)}.")
         key = key.strip()
+        if provider not in self.providers:
+            # Never repeat the value: with the arguments swapped it is the key.
+            swapped = key.lower() in self.providers
+            raise KeyPoolError(
+                f"Unknown provider; use one of: {', '.join(self.providers)}."
+                + (" The provider comes first: `/keys add <provider> <key>`." if swapped else "")
+            )
         if not key or len(key) > MAX_KEY_CHARS or any(c.isspace() or c in "\"'`" for c in key):
             raise KeyPoolError("That does not look like an API key (it is empty, too long, or has spaces or quotes).")
         key_id = self.key_id(provider, key)

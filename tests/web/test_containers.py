@@ -108,7 +108,8 @@ def test_compose_services_and_dependencies():
     assert app["depends_on"]["mongo"]["condition"] == "service_healthy"
 
     env = _env_pairs(app.get("environment"))
-    assert env["MONGO_URI"] == "mongodb://mongo:27017/argus"
+    # The app signs in to MongoDB as its own user; the password comes from .env (interpolated).
+    assert env["MONGO_URI"] == "mongodb://${MONGO_APP_USERNAME:-argus}:${MONGO_APP_PASSWORD}@mongo:27017/${MONGO_APP_DB:-argus}"
     assert env["ARGUS_DATA_DIR"] == "/data"
     # .env is optional: a fresh checkout (no .env yet) must still come up.
     env_files = app["env_file"]
@@ -120,9 +121,8 @@ def test_compose_services_and_dependencies():
     test = mongo["healthcheck"]["test"]
     test_cmd = " ".join(test[1:]) if isinstance(test, list) else test
     assert "mongosh" in test_cmd and "--quiet" in test_cmd and "db.adminCommand('ping')" in test_cmd
-    # Published for the contract tests, but only on the host's loopback.
-    for port in mongo.get("ports", []):
-        assert str(port).startswith("127.0.0.1:"), f"mongo port {port!r} would be reachable from the network"
+    # Not published at all: only the app, on the compose network, reaches it.
+    assert not mongo.get("ports"), f"mongo ports {mongo.get('ports')!r} are published"
 
 
 def test_compose_volumes_are_named_and_declared():
@@ -155,7 +155,10 @@ def test_compose_has_no_inline_secrets():
                     f"{name}: {key} is set inline in docker-compose.yml; put it in .env"
                 )
             if isinstance(value, str) and "://" in value:
-                assert urlsplit(value).password is None, f"{name}: {key} embeds a password"
+                # A password in a URL may only be interpolated from .env (${VAR}), never a literal.
+                placeholders = re.sub(r"\$\{\w+(:?[-?][^}]*)?\}", "PLACEHOLDER", value)
+                password = urlsplit(placeholders).password
+                assert password in (None, "PLACEHOLDER"), f"{name}: {key} embeds a password"
         assert "secrets" not in svc or all(isinstance(s, (str, dict)) for s in svc["secrets"])
 
 
