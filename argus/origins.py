@@ -365,5 +365,9 @@ def restrict_origins(app=None, sio=None) -> list[str]:
     app.middleware_stack = None  # built on the first request (or rebuilt after a reload)
     sio.eio.cors_allowed_origins = SocketOriginCheck(policy)
     _policy = policy
+    if config.run.host.strip().lower() in _WILDCARD_HOSTS and not os.environ.get("CHAINLIT_URL", "").strip():
+        log.info("listening on all addresses; requests must name one of these hosts: %s "
+                 "(others get 400: set CHAINLIT_URL or %s to add the names users type)",
+                 ", ".join(policy.hosts), ALLOWED_HOSTS_VAR)
     log.debug("allowed hosts: %s; origins: %s", ", ".join(policy.hosts), ", ".join(sorted(policy.origins)))
     return origins

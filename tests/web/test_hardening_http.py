@@ -214,3 +214,36 @@ def test_legitimate_requests_still_work_after_the_attacks(server):
     assert r.status_code == 413
     assert server.proc.poll() is None
     assert not re.search(r"Traceback|Exception in ASGI", server.log()), server.log()
+
+
+# ---- the settings: ARGUS_ALLOWED_HOSTS and ARGUS_MAX_BODY_KB ------------------------------------------
+def test_extra_host_and_smaller_body_limit_settings(tmp_path):
+    with running_server(tmp_path, ARGUS_ALLOWED_HOSTS="chat.lan", ARGUS_MAX_BODY_KB="64") as srv:
+        lan = f"chat.lan:{srv.port}"
+        r = _sign_up(srv, "lan@example.com", origin=f"http://{lan}", host=lan)  # a LAN name the admin listed
+        assert (r.status_code, r.json()) == (201, {"ok": True})
+        r = _sign_up(srv, "other@example.com", origin=f"http://other.lan:{srv.port}", host=f"other.lan:{srv.port}")
+        assert r.status_code == 400
+        status, _, body = _raw(srv.port, _declared(srv.port, "/project/threads", 65 * 1024))
+        assert (status, body) == (413, b'{"detail": "The request body is larger than the 64 KB limit."}')
+        query = b'{"pagination": {"first": 20, "cursor": null}, "filter": {}}'
+        padded = query + b" " * (60 * 1024 - len(query))
+        status, _, _ = _raw(srv.port, _declared(srv.port, "/project/threads", len(padded)), [padded])
+        assert status == 401  # under the limit: reaches Chainlit, which wants a signed-in user
+
+
+@pytest.mark.parametrize("env, line", [
+    ({"ARGUS_ALLOWED_HOSTS": "*"}, "Jarvis Argus cannot start: ARGUS_ALLOWED_HOSTS must list host names"),
+    ({"ARGUS_MAX_BODY_KB": "1MB"}, "Jarvis Argus cannot start: ARGUS_MAX_BODY_KB must be a whole number of KiB"),
+])
+def test_bad_security_setting_stops_the_server_with_one_line(tmp_path, env, line):
+    from tests.support.chainlit_server import launch, stop
+    from tests.support.ports import free_port
+
+    proc, log_path = launch(tmp_path, free_port(), **env)
+    try:
+        proc.wait(90)
+    finally:
+        stop(proc)
+    out = log_path.read_text(errors="replace")
+    assert proc.returncode != 0 and line in out and "Traceback" not in out, out

@@ -204,3 +204,18 @@ def test_swapped_keys_add_arguments_never_echo_the_key(pool):
     assert "sk-live" not in str(info.value) and "qqqqqq" not in str(info.value)
     assert pool.list() == []
     assert pool.add("gemini", key).provider == "gemini"  # the right order still works
+
+
+async def test_swapped_keys_add_command_reply_shows_no_part_of_the_key(pool, store):
+    from argus.commands import CommandContext, SessionState, parse_command, run_command
+
+    admin = store.create_user("admin@example.com", "Admin", "$2b$04$" + "x" * 53)
+    ctx = CommandContext(store=store, user_id=admin.id, state=SessionState(), models=[], is_admin=True,
+                         services={"keys": pool})
+    key = "AIzaSyTESTsecretvalue0123456789abcdefgh"
+    reply = await run_command(ctx, parse_command(f"/keys add {key} gemini"))
+    assert "provider comes first" in reply
+    assert not any(key[i:i + 6] in reply for i in range(len(key) - 5)), reply
+    assert pool.list() == []
+    reply = await run_command(ctx, parse_command(f"/keys add gemini {key}"))
+    assert reply.startswith("Added a gemini key") and key not in reply
