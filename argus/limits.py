@@ -25,6 +25,8 @@ import json
 import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
+from argus.config import ConfigError
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -154,8 +156,6 @@ def max_body_bytes(environ: Optional[Mapping[str, str]] = None) -> int:
     Raises:
         ConfigError: not a whole number of KiB between 16 and 1048576 (1 GiB).
     """
-    from argus.config import ConfigError
-
     raw = (os.environ if environ is None else environ).get(MAX_BODY_VAR, "").strip()
     if not raw:
         return DEFAULT_BODY_LIMIT
