@@ -96,10 +96,9 @@ _NONCE = B64(min_bytes=CHALLENGE_NONCE_BYTES, max_bytes=CHALLENGE_NONCE_BYTES)
 _SIGNATURE = B64(min_bytes=1, max_bytes=256)  # ECDSA P-256: DER ≤ 72 bytes, raw r||s 64 bytes
 _ANY = ROLES
 _MEMBERS = MEMBER_ROLES
-
 _AUTH = AUTHENTICATED_ROLES
 
-
+# Limits and records shared by several message types (stages, sessions, block distribution).
 MAX_FORWARD_ROWS = 64  # sessions batched into one forward
 MAX_BLOCK_CHUNK = 8 << 20  # bytes of shard data in one blocks_chunk frame
 BLOCK_STATES = ("need", "receiving", "verified", "loaded", "failed")
