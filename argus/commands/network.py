@@ -3,7 +3,7 @@
 Every subcommand is one call to the local worker daemon's control endpoint
 (``ctx.services["daemon"]``, a :class:`worker.control.ControlClient`) and a
 Markdown reply. The network the chat uses is kept server-wide by
-``ctx.services["network_choice"]`` (:class:`argus.cluster_state.NetworkChoice`).
+``ctx.services["network_choice"]`` (:class:`argus.network_choice.NetworkChoice`).
 
 ``/network sessions`` lists the sessions (KV caches) the workers keep for the chat's
 conversations, named by the conversation's title when it is the admin's own, and drops one.

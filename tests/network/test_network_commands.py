@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from argus.cluster_state import CHOICE_FILE, NetworkChoice, current_network
+from argus.network_choice import CHOICE_FILE, NetworkChoice, current_network
 from argus.commands import COMMANDS, CommandContext, SessionState, parse_command, run_command
 from argus.commands.base import ADMIN_ONLY
 from argus.commands.network import NOT_CONFIGURED, fmt_ago, fmt_bytes, parse_ttl
@@ -435,7 +435,7 @@ def test_worker_data_dir_setting(monkeypatch, tmp_path):
 
 
 def test_the_chat_server_has_the_daemon_client_and_the_network_choice(store, monkeypatch, tmp_path):
-    from argus.core import JarvisArgus
+    from argus.chat.hooks import JarvisArgus
 
     for key in list(os.environ):
         if key.startswith("ARGUS_"):

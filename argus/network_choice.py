@@ -4,7 +4,7 @@ The choice is one small JSON file, ``<ARGUS_DATA_DIR>/cluster.json``
 (``{"network_id": "..."}``), written atomically (temporary file, fsync,
 rename) with owner-only permissions, so every chat session, every server
 process on this data directory and a restart all see the same network. The
-cluster provider reads it with :func:`current_network`.
+network back-end reads it with :func:`current_network` (the file keeps its old name).
 """
 from __future__ import annotations
 
