@@ -52,7 +52,7 @@ class NetworkChoice:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"network_id": network_id}).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=".cluster-", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".network-choice-", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o600)  # mkstemp makes it 0600 already; keep it so explicitly

@@ -349,7 +349,7 @@ async def test_resume_continues_the_stored_conversation(make_argus, store, alice
     await chat.start()
     await chat.turn("Remember the number 42.")
     conv_id = chat.session.thread_id
-    thread = await chat._spawn(lambda: argus.data_layer.get_thread(conv_id))
+    thread = await chat.spawn(lambda: argus.data_layer.get_thread(conv_id))
 
     later = Chat(argus, alice)  # another tab, another day: resumed from the history
     await later.resume(thread)
@@ -368,7 +368,7 @@ async def test_a_thread_that_is_not_the_users_is_never_written(make_argus, store
     await chat.start()
     await chat.turn("Alice's secret")
     alices = chat.session.thread_id
-    thread = await chat._spawn(lambda: argus.data_layer.get_thread(alices))
+    thread = await chat.spawn(lambda: argus.data_layer.get_thread(alices))
 
     intruder = Chat(argus, bob)
     await intruder.resume(thread)  # even if on_chat_resume were called with her thread

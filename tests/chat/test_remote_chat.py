@@ -56,12 +56,12 @@ class RemoteChat(Chat):
             made.append(cl.Message(content=text, type="user_message", author=self.user.name, **fields))
             await self.argus.on_message(made[0])
 
-        task = self._spawn(go)
+        task = self.spawn(go)
         self.tasks.append(task)
         return task, made
 
     async def call(self, make_coro):
-        await asyncio.wait_for(self._spawn(make_coro), TIMEOUT)
+        await asyncio.wait_for(self.spawn(make_coro), TIMEOUT)
 
     def events(self, kind: str) -> list[dict]:
         return [d for k, d in self.emitter.events if k == kind]

@@ -95,7 +95,8 @@ class Chat:
         self.emitter = RecordingEmitter(self.session)
         self.tasks: list[asyncio.Task] = []
 
-    def _spawn(self, make_coro) -> asyncio.Task:
+    def spawn(self, make_coro) -> asyncio.Task:
+        """Run ``make_coro()`` in a new task inside this session's Chainlit context."""
         async def run():
             context_var.set(ChainlitContext(self.session, self.emitter))
             return await make_coro()
@@ -103,13 +104,13 @@ class Chat:
         return asyncio.create_task(run())
 
     async def start(self) -> None:
-        await self._spawn(self.argus.on_chat_start)
+        await self.spawn(self.argus.on_chat_start)
 
     async def resume(self, thread: dict) -> None:
         """Like Chainlit resuming ``thread`` (the session was opened with its id)."""
         self.session.thread_id = thread["id"]
         self.session.thread_id_to_resume = thread["id"]
-        await self._spawn(lambda: self.argus.on_chat_resume(thread))
+        await self.spawn(lambda: self.argus.on_chat_resume(thread))
 
     def send(self, text: str) -> asyncio.Task:
         """Like Chainlit's ``client_message``: on_message in a new task (the session's newest)."""
@@ -117,7 +118,7 @@ class Chat:
         async def go():
             await self.argus.on_message(cl.Message(content=text, type="user_message", author=self.user.name))
 
-        task = self._spawn(go)
+        task = self.spawn(go)
         self.tasks.append(task)
         return task
 
@@ -128,7 +129,7 @@ class Chat:
         """Like Chainlit's ``stop``: cancel the newest message task, then on_stop."""
         if self.tasks:
             self.tasks[-1].cancel()
-        await self._spawn(self.argus.on_stop)
+        await self.spawn(self.argus.on_stop)
 
     async def wait_for(self, pred, timeout: float = TIMEOUT) -> tuple[str, Any]:
         deadline = time.monotonic() + timeout
