@@ -1,6 +1,6 @@
 """Jarvis Argus — the Chainlit app. Run: ``chainlit run app.py``.
 
-Thin on purpose: every hook forwards to :class:`argus.core.JarvisArgus`.
+Thin on purpose: every hook forwards to :class:`argus.chat.hooks.JarvisArgus`.
 A configuration problem at start-up (bad ``ARGUS_*`` value, weak
 ``JWT_SECRET_KEY``, malformed ``MONGO_URI``, unusable data directory) ends the
 process with one line on stderr and exit status 1, without a traceback.
@@ -22,7 +22,7 @@ from chainlit.config import FILES_DIRECTORY  # noqa: E402
 
 from argus.auth import AuthSecretError, ensure_auth_secret  # noqa: E402
 from argus.config import ConfigError, Settings  # noqa: E402
-from argus.core import RETRY_ACTION, JarvisArgus  # noqa: E402
+from argus.chat.hooks import RETRY_ACTION, JarvisArgus  # noqa: E402
 from argus.datalayer import ArgusDataLayer, install_caller_middleware  # noqa: E402
 from argus.files_route import install_file_route  # noqa: E402
 from argus.keys.redact import install as redact_keys  # noqa: E402

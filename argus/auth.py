@@ -10,7 +10,6 @@ Nothing in this module logs a password, a hash or the secret.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
@@ -24,6 +23,7 @@ import bcrypt
 from argus.config import Settings
 from argus.ratelimit import SlidingWindowLimiter
 from argus.store import Store, StoreUnavailable, User, UserExists
+from worker.protocol.units import format_wait
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class SignupThrottled(SignupError):
 
     def __init__(self, retry_after_s: float):
         self.retry_after_s = retry_after_s
-        super().__init__(f"Too many sign-ups from your network. Try again in {_humanize(retry_after_s)}.")
+        super().__init__(f"Too many sign-ups from your network. Try again in {format_wait(retry_after_s)}.")
 
 
 class LoginThrottled(AuthError):
@@ -70,21 +70,12 @@ class LoginThrottled(AuthError):
 
     def __init__(self, retry_after_s: float):
         self.retry_after_s = retry_after_s
-        self.message = f"Too many failed sign-in attempts. Try again in {_humanize(retry_after_s)}."
+        self.message = f"Too many failed sign-in attempts. Try again in {format_wait(retry_after_s)}."
         super().__init__(self.message)
 
 
 class AuthSecretError(AuthError):
     """The stored sign-in secret cannot be created or read."""
-
-
-def _humanize(seconds: float) -> str:
-    """4 minutes, 1 minute, 30 seconds: rounded up so users never retry too early."""
-    secs = max(1, math.ceil(seconds))
-    if secs < 60:
-        return f"{secs} second{'s' if secs != 1 else ''}"
-    mins = math.ceil(secs / 60)
-    return f"{mins} minute{'s' if mins != 1 else ''}"
 
 
 # ---- passwords -------------------------------------------------------------

@@ -10,9 +10,12 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from dotenv import find_dotenv, load_dotenv
+
+if TYPE_CHECKING:
+    from worker.engine import SamplingParams
 
 
 class ConfigError(ValueError):
@@ -110,23 +113,34 @@ def _base_urls() -> dict[str, str]:
     return out
 
 
-def _check_sampling(settings: "Settings") -> None:
+def sampling_params(settings: Any) -> "SamplingParams":
+    """The sampling of one answer from the settings (``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``max_new_tokens``): the one translation of settings into
+    :class:`worker.engine.SamplingParams`, for the local model and the worker network.
+
+    Raises:
+        ValueError: a value the engine refuses (:func:`check_sampling` reports it at start).
+    """
+    from worker.engine import SamplingParams  # local: keeps `import argus.config` light
+
+    return SamplingParams(
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        repetition_penalty=settings.repetition_penalty,
+        max_tokens=settings.max_new_tokens,
+    )
+
+
+def check_sampling(settings: "Settings") -> None:
     """Let the engine's own ``SamplingParams`` validate the generation settings, so
     a value it would refuse on every chat is refused at start instead.
 
     Raises:
         ConfigError: naming the variable whose value the engine refused.
     """
-    from worker.engine import SamplingParams  # local: keeps `import argus.config` light
-
     try:
-        SamplingParams(
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty,
-            max_tokens=settings.max_new_tokens,
-        )
+        sampling_params(settings)
     except ValueError as exc:
         text = str(exc)
         field = next((f for f in _SAMPLING_VARS if text.startswith(f + " ")), None)
@@ -223,5 +237,5 @@ class Settings:
             provider_timeout_s=_float("ARGUS_PROVIDER_TIMEOUT_S", 120.0, 1.0),
             video_timeout_s=_float("ARGUS_VIDEO_TIMEOUT_S", 600.0, 10.0),
         )
-        _check_sampling(settings)
+        check_sampling(settings)
         return settings

@@ -4,7 +4,7 @@ resuming a conversation, rename, delete, thumbs up/down with comments, images af
 Register it with ``@cl.data_layer`` (``app.py`` returns ``argus.data_layer``).
 
 Ids: a conversation id IS the Chainlit thread id, and a message id IS the
-Chainlit step id. The chat handler (``argus.core``) stores every chat
+Chainlit step id. The chat handler (``argus.chat``) stores every chat
 message itself, with those ids, so what Chainlit's sidebar, feedback and
 resume refer to are our rows.
 

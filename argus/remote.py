@@ -1,6 +1,6 @@
 """Remote models for the chat: the catalogue, the key pool, the providers, and what a turn sends.
 
-:class:`Remote` is server-wide (one per :class:`~argus.core.JarvisArgus`): it
+:class:`Remote` is server-wide (one per :class:`~argus.chat.hooks.JarvisArgus`): it
 loads the catalogue, opens the secret box, builds the :class:`KeyPool` and
 makes one provider object per provider on first use (their SDK clients are
 bound to the event loop that first uses them, Chainlit's). The chat handler

@@ -1,7 +1,8 @@
 """Slash commands: the registry and the dispatcher.
 
 Adding a command = one new module exposing ``COMMAND`` (a
-:class:`~argus.commands.base.Command`) + one line in :data:`COMMANDS`.
+:class:`~argus.commands.base.Command`) + one line in :data:`COMMANDS` (``/help`` is
+built here, from the registry).
 Commands are answered directly: they are neither sent to the model nor stored
 as chat messages.
 """
@@ -24,7 +25,7 @@ from argus.commands.base import (
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        help.COMMAND,
+        help.help_command(lambda: COMMANDS.values()),
         new.COMMAND,
         convs.COMMAND,
         select.COMMAND,

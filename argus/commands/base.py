@@ -9,7 +9,7 @@ reply (``/export``) go to ``ctx.files``.
 Commands never talk to Chainlit: a command that moves the chat to another
 conversation sets ``state.conversation_id`` and ``state.thread_id`` (the
 Chainlit thread id, which IS the conversation id), and the chat handler
-(``argus.core``) brings the Chainlit session and the browser in line.
+(``argus.chat``) brings the Chainlit session and the browser in line.
 
 Commands raise :class:`CommandUsageError` for bad arguments; the dispatcher
 (``argus.commands.run_command``) turns that into a short reply pointing at

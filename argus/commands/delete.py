@@ -64,11 +64,11 @@ async def run(ctx: CommandContext, args: str) -> str:
     state.pending_delete = None
     state.conversation_id = None
     state.thread_id = new_thread_id()
-    await _drop_cluster_session(ctx, conv.id)
+    await _drop_network_session(ctx, conv.id)
     return f"Deleted **{title}**. Your next message starts a new conversation."
 
 
-async def _drop_cluster_session(ctx: CommandContext, conversation_id: str) -> None:
+async def _drop_network_session(ctx: CommandContext, conversation_id: str) -> None:
     """Forget the conversation's KV-cache session on the network in use (its token ids are
     the conversation's text). Best effort: no daemon or no network in use leaves nothing to do,
     and a failure is logged, never shown (the conversation itself is already deleted)."""

@@ -3,7 +3,7 @@
 Every subcommand is one call to the local worker daemon's control endpoint
 (``ctx.services["daemon"]``, a :class:`worker.control.ControlClient`) and a
 Markdown reply. The network the chat uses is kept server-wide by
-``ctx.services["network_choice"]`` (:class:`argus.cluster_state.NetworkChoice`).
+``ctx.services["network_choice"]`` (:class:`argus.network_choice.NetworkChoice`).
 
 ``/network sessions`` lists the sessions (KV caches) the workers keep for the chat's
 conversations, named by the conversation's title when it is the admin's own, and drops one.
@@ -22,9 +22,10 @@ from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsag
 from argus.store.base import NotFound
 from worker.control import ControlError, DaemonUnavailable
 from worker.protocol import ID_PATTERN, ID_RULE
+from worker.protocol.units import format_ago, format_duration, format_mib
 
 #: The reply when the server has no daemon client (tests, or a server built without one).
-NOT_CONFIGURED = "The worker cluster is not set up on this server, so there is no worker daemon to ask."
+NOT_CONFIGURED = "The worker network is not set up on this server, so there is no worker daemon to ask."
 #: Seconds a join token lives when no ttl is given, and the allowed range.
 DEFAULT_TOKEN_TTL_S = 900
 MIN_TOKEN_TTL_S, MAX_TOKEN_TTL_S = 60, 7 * 86400
@@ -57,8 +58,8 @@ SUBCOMMANDS = """\
 Spread the model over the workers with `/workers plan` and `/workers rebalance`."""
 
 
-class ClusterReply(Exception):
-    """Ends a cluster command early; ``str(e)`` is the whole reply (one sentence):
+class NetworkReply(Exception):
+    """Ends a network command early; ``str(e)`` is the whole reply (one sentence):
     no daemon, the daemon refused, or no network fits."""
 
 
@@ -69,18 +70,18 @@ async def daemon_call(ctx: CommandContext, command: str, **args: Any) -> dict:
     """``await ctx.services["daemon"].call(command, **args)``.
 
     Raises:
-        ClusterReply: no daemon client, no daemon running or answering (its sentence
+        NetworkReply: no daemon client, no daemon running or answering (its sentence
             saying how to start one), or a refusal (the daemon's message).
     """
     client = ctx.services.get("daemon")
     if client is None:
-        raise ClusterReply(NOT_CONFIGURED)
+        raise NetworkReply(NOT_CONFIGURED)
     try:
         return await client.call(command, **args)
     except DaemonUnavailable as e:
-        raise ClusterReply(str(e)) from None
+        raise NetworkReply(str(e)) from None
     except ControlError as e:
-        raise ClusterReply(as_sentence(e.message or str(e) or f"The worker daemon refused ({e.code}).")) from None
+        raise NetworkReply(as_sentence(e.message or str(e) or f"The worker daemon refused ({e.code}).")) from None
 
 
 def as_sentence(text: str) -> str:
@@ -114,11 +115,11 @@ def pick_network(networks: Sequence[dict], in_use: Optional[str]) -> Optional[st
     in it), else the only one; None when there are several and none is in use.
 
     Raises:
-        ClusterReply: this machine is in no network.
+        NetworkReply: this machine is in no network.
     """
     ids = [n["network_id"] for n in networks]
     if not ids:
-        raise ClusterReply(
+        raise NetworkReply(
             "This machine is in no network yet; create one with `/network create <name>` "
             "or join one with `/network join <token>`."
         )
@@ -132,7 +133,7 @@ async def choose_network(ctx: CommandContext, given: Optional[str]) -> str:
 
     Raises:
         CommandUsageError: ``given`` is not a valid id.
-        ClusterReply: no network, or several and none in use (the reply lists them).
+        NetworkReply: no network, or several and none in use (the reply lists them).
     """
     if given:
         return check_id(given, "network")
@@ -140,7 +141,7 @@ async def choose_network(ctx: CommandContext, given: Optional[str]) -> str:
     picked = pick_network(networks, network_in_use(ctx))
     if picked is None:
         names = ", ".join(f"`{n['network_id']}`" for n in networks)
-        raise ClusterReply(
+        raise NetworkReply(
             f"This machine is in several networks ({names}); name one, or choose the chat's "
             "with `/network use <network>`."
         )
@@ -158,54 +159,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(c.replace("\n", " ") for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def fmt_bytes(n: Optional[int]) -> str:
-    """Bytes in binary units: ``512 B``, ``1.5 KiB``, ``2 GiB``, ``120 GiB``; None → a dash."""
-    if n is None:
-        return "—"
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            break
-        value /= 1024
-    if unit == "B" or value >= 100:
-        return f"{value:.0f} {unit}"
-    return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
-
-
-def fmt_share(share: Optional[float]) -> str:
-    """A CPU share 0..1 as a percentage: ``50 %``, ``12.5 %``."""
-    if share is None:
-        return "—"
-    return f"{share * 100:.1f}".rstrip("0").rstrip(".") + " %"
-
-
-def fmt_ago(ts: Optional[float], now: float) -> str:
-    """``12 s ago``, ``3 min ago``, ``2 h ago``, ``4 d ago``; None → a dash."""
-    if ts is None:
-        return "—"
-    s = now - ts
-    if s < 1:
-        return "just now"
-    if s < 60:
-        return f"{s:.0f} s ago"
-    if s < 3600:
-        return f"{s // 60:.0f} min ago"
-    if s < 86400:
-        return f"{s // 3600:.0f} h ago"
-    return f"{s // 86400:.0f} d ago"
-
-
-def fmt_in(seconds: float) -> str:
-    """A duration ahead: ``45 s``, ``15 min``, ``2 h``, ``1 h 30 min``."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min"
-    h, m = divmod(s // 60, 60)
-    return f"{h} h {m} min" if m else f"{h} h"
 
 
 def on_off(flag: Any) -> str:
@@ -375,7 +328,7 @@ async def _use(ctx: CommandContext, rest: list[str]) -> str:
         raise CommandUsageError("Usage: /network use <network>, with an id from /network list.")
     choice = ctx.services.get("network_choice")
     if choice is None:
-        raise ClusterReply(NOT_CONFIGURED)
+        raise NetworkReply(NOT_CONFIGURED)
     if not rest:
         current = choice.current_network()
         if current is None:
@@ -397,7 +350,7 @@ async def _use(ctx: CommandContext, rest: list[str]) -> str:
     reply = f"{head}: its model answers new messages (unless someone picks another one with `/model`)."
     try:
         ready = (await daemon_call(ctx, "distribution_status", network_id=nid)).get("ready")
-    except ClusterReply:
+    except NetworkReply:
         ready = True  # the answer itself will say what is wrong
     if not ready:
         reply += (
@@ -405,14 +358,6 @@ async def _use(ctx: CommandContext, rest: list[str]) -> str:
             "until they are, the local model answers."
         )
     return reply
-
-
-MiB = 1024 * 1024
-
-
-def fmt_mib(n: Optional[int]) -> str:
-    """Bytes as MiB with one decimal: ``12.3 MiB``; None → a dash."""
-    return "—" if n is None else f"{n / MiB:.1f} MiB"
 
 
 async def conversation_title(ctx: CommandContext, session_id: str) -> Optional[str]:
@@ -429,7 +374,7 @@ async def conversation_title(ctx: CommandContext, session_id: str) -> Optional[s
 
 
 def _saved_cell(s: dict, now: float) -> str:
-    saved = fmt_ago(s.get("saved_at"), now) if s.get("saved_at") is not None else "not yet"
+    saved = format_ago(s.get("saved_at"), now) if s.get("saved_at") is not None else "not yet"
     return f"{saved}, in memory" if s.get("in_memory") else saved
 
 
@@ -448,13 +393,13 @@ async def sessions_text(ctx: CommandContext, nid: str, sessions: Sequence[dict])
         title = await conversation_title(ctx, sid)
         nodes = ", ".join(code(n) for n in s.get("nodes") or []) or "—"
         rows.append([
-            escape_md(title) if title else code(sid), code(sid), fmt_mib(s.get("bytes")),
+            escape_md(title) if title else code(sid), code(sid), format_mib(s.get("bytes")),
             f"{int(s.get('n_tokens') or 0):,}", _saved_cell(s, now), nodes,
         ])
     headers = ["Conversation", "Session", "Size", "Tokens", "Saved", "Nodes"]
     total = sum(int(s.get("bytes") or 0) for s in sessions)
     return "\n".join([
-        f"Sessions kept by the workers of network {code(nid)}: {len(sessions)}, {fmt_mib(total)} in all.",
+        f"Sessions kept by the workers of network {code(nid)}: {len(sessions)}, {format_mib(total)} in all.",
         "",
         table(headers, rows),
         "",
@@ -521,7 +466,7 @@ async def _token(ctx: CommandContext, rest: list[str]) -> str:
     expires = float(result["expires_at"])
     head = (
         f"Join token for network {code(result.get('network_id', nid))}, for one machine, valid until "
-        f"{format_time(expires)} (in {fmt_in(expires - ctx.clock())}):"
+        f"{format_time(expires)} (in {format_duration(expires - ctx.clock())}):"
     )
     how = (
         "On the machine that should join, run `python -m worker join <token>` (with `--data-dir` if its "
@@ -578,14 +523,14 @@ async def run(ctx: CommandContext, args: str) -> str:
 
 async def dispatch(ctx: CommandContext, command: str, words: Sequence[str], table: dict) -> str:
     """Run subcommand ``words[0]`` of ``/command`` from ``table`` with the remaining words;
-    a ClusterReply becomes the answer. Raises CommandUsageError for an unknown subcommand."""
+    a NetworkReply becomes the answer. Raises CommandUsageError for an unknown subcommand."""
     handler = table.get(words[0].lower())
     if handler is None:
         raise CommandUsageError(f"`/{command} {words[0][:20].replace('`', '')}` is not a subcommand; "
                                 f"send /{command} to see them.")
     try:
         return await handler(ctx, list(words[1:]))
-    except ClusterReply as e:
+    except NetworkReply as e:
         return str(e)
 
 

@@ -22,24 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError, escape_md
 from argus.commands.network import (
     dispatch,
-    MiB,
     check_id,
     choose_network,
     code,
     daemon_call,
-    fmt_ago,
-    fmt_bytes,
-    fmt_mib,
-    fmt_share,
     network_in_use,
     table,
 )
-from worker.placement import Placement, PlacementInvalid
+from worker.protocol.units import MiB, format_ago, format_bytes, format_mib, format_share
 
 #: Seconds a ``/workers remove`` waits for its ``confirm``.
 CONFIRM_WINDOW_S = 120.0
@@ -144,8 +139,8 @@ def fmt_allocation(alloc: Optional[dict]) -> str:
     if not alloc:
         return "—"
     return (
-        f"CPU {fmt_share(alloc.get('cpu_share'))}, RAM {fmt_bytes(alloc.get('ram_bytes'))}, "
-        f"disk {fmt_bytes(alloc.get('disk_bytes'))}"
+        f"CPU {format_share(alloc.get('cpu_share'))}, RAM {format_bytes(alloc.get('ram_bytes'))}, "
+        f"disk {format_bytes(alloc.get('disk_bytes'))}"
     )
 
 
@@ -171,7 +166,7 @@ def fmt_ram(res: dict) -> str:
     avail, total = res.get("ram_available"), res.get("ram_total")
     if avail is None and total is None:
         return "—"
-    return f"{fmt_bytes(avail)} / {fmt_bytes(total)}"
+    return f"{format_bytes(avail)} / {format_bytes(total)}"
 
 
 def _config_cell(version: Optional[int], current: Optional[int]) -> str:
@@ -194,9 +189,9 @@ def workers_text(listing: dict, now: float) -> str:
         res = w.get("resources") or {}
         rows.append([
             code(w.get("node_id")), str(w.get("role", "—")), _state_cell(w.get("state")),
-            fmt_cpu(res), fmt_ram(res), fmt_bytes(res.get("disk_free")),
+            fmt_cpu(res), fmt_ram(res), format_bytes(res.get("disk_free")),
             fmt_allocation(w.get("allocation")), _config_cell(w.get("config_version"), current),
-            "now" if w.get("state") == "self" else fmt_ago(w.get("last_seen"), now),
+            "now" if w.get("state") == "self" else format_ago(w.get("last_seen"), now),
         ])
     headers = ["Node", "Role", "State", "CPU", "RAM (available / total)", "Disk free", "Allocation", "Config", "Last seen"]
     parts = [f"Members of network {code(nid)} (config version v{current}):", "", table(headers, rows)]
@@ -207,7 +202,7 @@ def workers_text(listing: dict, now: float) -> str:
             res = p.get("resources") or {}
             prows.append([
                 code(p.get("node_id")), code(p.get("address")), fmt_cpu(res), fmt_ram(res),
-                fmt_bytes(res.get("disk_free")), fmt_ago(p.get("requested_at"), now),
+                format_bytes(res.get("disk_free")), format_ago(p.get("requested_at"), now),
             ])
         parts += [
             "", "Waiting for approval:", "",
@@ -301,20 +296,48 @@ def _holds(holds_embedding: bool, holds_head: bool) -> str:
     return ", ".join(parts) or "—"
 
 
+class PlanUnreadable(ValueError):
+    """A ``placement_plan`` result whose ``placement`` is not the protocol's placement record."""
+
+
+def _field(d: Any, key: str, kind: type, where: str = "placement") -> Any:
+    """``d[key]`` when it is a ``kind`` (a bool is no int here). Raises PlanUnreadable."""
+    if not isinstance(d, dict) or key not in d:
+        raise PlanUnreadable(f"{where} field {key!r} is missing")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PlanUnreadable(f"{where} field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
 def plan_table(wire: dict) -> str:
-    """The table of a placement (``Placement.to_wire()``): node, blocks (first-last), count,
-    memory, embedding/head; members left without blocks last.
+    """The table of a placement as the daemon sends it (the wire record: ``model_id``,
+    ``block_count``, ``assignments`` of ``{node_id, start, end, holds_embedding, holds_head,
+    bytes}`` in chain order, ``unused`` node ids): node, blocks (first-last), count, memory,
+    embedding/head; members left without blocks last.
 
     Raises:
-        PlacementInvalid: ``wire`` is not a placement.
+        PlanUnreadable: ``wire`` is not a placement (a field missing or of the wrong type, a
+            block range empty or outside ``0..block_count``).
     """
-    placement = Placement.from_wire(wire)
-    rows = [
-        [code(a.node_id), f"{a.range.start}-{a.range.end - 1}", str(len(a.range)), fmt_bytes(a.bytes),
-         _holds(a.holds_embedding, a.holds_head)]
-        for a in placement.assignments
-    ]
-    rows += [[code(node), "none", "0", "—", "—"] for node in placement.unused]
+    if not isinstance(wire, dict):
+        raise PlanUnreadable(f"a placement must be an object, got {type(wire).__name__}")
+    total = _field(wire, "block_count", int)
+    rows = []
+    for item in _field(wire, "assignments", list):
+        node = _field(item, "node_id", str, "assignment")
+        start, end = _field(item, "start", int, "assignment"), _field(item, "end", int, "assignment")
+        if not 0 <= start < end <= total:
+            raise PlanUnreadable(f"assignment of {node!r}: blocks {start}..{end} are not within 0..{total}")
+        holds = _holds(_field(item, "holds_embedding", bool, "assignment"), _field(item, "holds_head", bool, "assignment"))
+        size = _field(item, "bytes", int, "assignment")
+        if size < 0:
+            raise PlanUnreadable(f"assignment of {node!r}: a negative size ({size} bytes)")
+        rows.append([code(node), f"{start}-{end - 1}", str(end - start), format_bytes(size), holds])
+    unused = _field(wire, "unused", list)
+    if not all(isinstance(n, str) for n in unused):
+        raise PlanUnreadable("placement field 'unused' must be a list of node ids")
+    rows += [[code(node), "none", "0", "—", "—"] for node in unused]
     return table(["Node", "Blocks", "Count", "Memory", "Embedding / head"], rows)
 
 
@@ -323,7 +346,7 @@ def plan_text(nid: str, result: dict) -> str:
     wire = result.get("placement") or {}
     try:
         grid = plan_table(wire)
-    except PlacementInvalid as e:
+    except PlanUnreadable as e:
         return f"The daemon's plan for network {code(nid)} could not be read ({e}); see its log."
     epoch, current = result.get("epoch"), result.get("current_epoch")
     was = f"the placement in use is epoch {current}" if current is not None else "no placement is in use yet"
@@ -373,7 +396,7 @@ def transfer_task(w: dict) -> tuple[str, str]:
         percent = f" ({100 * sent // total}%)" if total else ""
         words = f"{sent / MiB:.1f}/{total / MiB:.1f} MiB{percent}"
     elif state == "need" and total:
-        words = f"{fmt_mib(total)} {words}"
+        words = f"{format_mib(total)} {words}"
     message = " ".join(str(w.get("message") or "").split())
     if message and state in ("failed", "offline"):
         words += f": {message}"
@@ -387,7 +410,7 @@ def blocks_table(status: dict) -> str:
     for w in status.get("workers") or []:
         title, _ = transfer_task(w)
         total = w.get("total_bytes") or 0
-        sent = f"{fmt_mib(w.get('sent_bytes') or 0)} of {fmt_mib(total)}" if total else "—"
+        sent = f"{format_mib(w.get('sent_bytes') or 0)} of {format_mib(total)}" if total else "—"
         rows.append([code(w.get("node_id")), str(w.get("block_range", "—")), escape_md(title.split(", ", 1)[-1]), sent])
     return table(["Node", "Blocks", "State", "Sent"], rows)
 

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Optional
 
 import anthropic
 
-from argus.providers._common import TRANSPORT_ERRORS, httpx2, retry_after_s
+from argus.providers.transport import TRANSPORT_ERRORS, httpx2, retry_after_s
 from argus.providers.base import ChatRequest, ChatStream, Provider, ProviderError, Usage
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"

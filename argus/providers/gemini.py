@@ -44,7 +44,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from argus.providers._common import TRANSPORT_ERRORS, httpx2
+from argus.providers.transport import TRANSPORT_ERRORS, httpx2
 from argus.providers.base import (
     ChatRequest,
     ChatStream,

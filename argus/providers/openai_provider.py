@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Optional
 
 import openai
 
-from argus.providers._common import TRANSPORT_ERRORS, httpx2, retry_after_s
+from argus.providers.transport import TRANSPORT_ERRORS, httpx2, retry_after_s
 from argus.providers.base import ChatRequest, ChatStream, Provider, ProviderError, Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from argus.config import ConfigError, Settings, _check_sampling
+from argus.config import ConfigError, Settings, check_sampling
 from worker.engine import SamplingParams
 
 
@@ -102,7 +102,7 @@ def test_non_finite_message_is_clear(monkeypatch):
 def test_the_engines_own_check_is_reported_with_the_variable(field, value, name):
     settings = dataclasses.replace(Settings.from_env(dotenv=False), **{field: value})
     with pytest.raises(ConfigError) as info:
-        _check_sampling(settings)
+        check_sampling(settings)
     assert str(info.value).startswith(f"{name} is not usable: ")
 
 

@@ -1,59 +1,25 @@
 """JarvisArgus without a browser: the real model, a real SQLiteStore, a real Chainlit context.
 
-Chainlit's ``cl.Message``/``cl.user_session`` need a context: each simulated chat
-session gets a ``chainlit.session.HTTPSession`` and a ``ChainlitContext`` whose
-emitter records what would go to the browser (Chainlit's own
-``BaseChainlitEmitter`` is the no-op stub it uses for tests; ours subclasses it
-and records the calls). Every hook runs in its own task, like Chainlit runs
-``on_message``; "stop" is what Chainlit does: cancel the newest message task,
-then call ``on_stop``.
-
-The model is the real one (``LocalModel.load()``, once per test session via
+The harness (``Chat``, ``RecordingEmitter``…) is ``tests/support/chat_harness.py``. The
+model is the real one (``LocalModel.load()``, once per test session via
 ``conftest.local_model``). A slow load is modelled by a loader that waits on a
 ``threading.Event`` before returning that real model.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import threading
-import time
-import uuid
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import chainlit as cl
 import pytest
-from chainlit.context import ChainlitContext, context_var
-from chainlit.emitter import BaseChainlitEmitter
-from chainlit.session import HTTPSession
 
-from argus.config import Settings
-from argus.core import (
-    COMMANDS_PER_MINUTE,
-    MAX_MESSAGE_CHARS,
-    STOPPED_MARK,
-    WAITING_FOR_SLOT,
-    JarvisArgus,
-    too_long_message,
-)
+from argus.chat.hooks import JarvisArgus
+from argus.chat.replies import COMMANDS_PER_MINUTE
+from argus.chat.sentences import MAX_MESSAGE_CHARS, STOPPED_MARK, WAITING_FOR_SLOT, too_long_message
 from argus.datalayer import KIND_ANSWER, KIND_COMMAND, KIND_KEY, KIND_NOTICE
 from argus.store import StoreUnavailable
+from tests.support.chat_harness import TIMEOUT, Chat, make_settings, rows, settle, wait_until
 from worker.engine import ModelLoadError, SamplingParams
-
-TIMEOUT = 240.0  # generous: other test runs share the two cores
-
-
-# ---- fixtures ---------------------------------------------------------------------
-def make_settings(tmp_path, monkeypatch, **overrides) -> Settings:
-    """Settings from a clean environment (no developer ARGUS_* or .env), then ``overrides``."""
-    for key in list(os.environ):
-        if key.startswith("ARGUS_") or key == "JWT_SECRET_KEY":
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("ARGUS_DATA_DIR", str(tmp_path))
-    base = Settings.from_env(dotenv=False)
-    defaults = dict(max_new_tokens=6, messages_per_minute=20, temperature=0.0)
-    return dataclasses.replace(base, **{**defaults, **overrides})
 
 
 @pytest.fixture
@@ -69,137 +35,6 @@ def make_argus(tmp_path, monkeypatch, store, local_model):
         return argus
 
     return make
-
-
-class RecordingEmitter(BaseChainlitEmitter):
-    """Chainlit's test stub emitter, recording what the browser would receive."""
-
-    def __init__(self, session):
-        super().__init__(session)
-        self.events: list[tuple[str, Any]] = []
-        self.changed = asyncio.Event()
-        self.fail_tokens_after: Optional[int] = None  # simulate a dead socket
-        self.tokens = 0
-
-    def _record(self, kind: str, data: Any) -> None:
-        self.events.append((kind, data))
-        self.changed.set()
-
-    async def send_step(self, step_dict):
-        self._record("send", dict(step_dict))
-
-    async def update_step(self, step_dict):
-        self._record("update", dict(step_dict))
-
-    async def delete_step(self, step_dict):
-        self._record("delete", dict(step_dict))
-
-    async def stream_start(self, step_dict):
-        self._record("stream_start", dict(step_dict))
-
-    async def send_token(self, id: str, token: str, is_sequence=False, is_input=False):
-        self.tokens += 1
-        if self.fail_tokens_after is not None and self.tokens > self.fail_tokens_after:
-            raise ConnectionError("the socket is gone")
-        self._record("token", {"id": id, "token": token})
-
-    async def set_commands(self, commands):
-        self._record("set_commands", commands)
-
-    async def emit(self, event, data):
-        self._record(event, data)
-
-    async def resume_thread(self, thread_dict):
-        self._record("resume_thread", thread_dict)
-
-
-class Chat:
-    """One browser session of ``user`` talking to ``argus``."""
-
-    def __init__(self, argus: JarvisArgus, user):
-        self.argus, self.user = argus, user
-        self.session = HTTPSession(
-            id=str(uuid.uuid4()),
-            client_type="webapp",
-            user=cl.User(identifier=user.email, metadata={"user_id": user.id, "role": user.role}),
-        )
-        self.emitter = RecordingEmitter(self.session)
-        self.tasks: list[asyncio.Task] = []
-
-    def _spawn(self, make_coro) -> asyncio.Task:
-        async def run():
-            context_var.set(ChainlitContext(self.session, self.emitter))
-            return await make_coro()
-
-        return asyncio.create_task(run())
-
-    async def start(self) -> None:
-        await self._spawn(self.argus.on_chat_start)
-
-    async def resume(self, thread: dict) -> None:
-        """Like Chainlit resuming ``thread`` (the session was opened with its id)."""
-        self.session.thread_id = thread["id"]
-        self.session.thread_id_to_resume = thread["id"]
-        await self._spawn(lambda: self.argus.on_chat_resume(thread))
-
-    def send(self, text: str) -> asyncio.Task:
-        """Like Chainlit's ``client_message``: on_message in a new task (the session's newest)."""
-
-        async def go():
-            await self.argus.on_message(cl.Message(content=text, type="user_message", author=self.user.name))
-
-        task = self._spawn(go)
-        self.tasks.append(task)
-        return task
-
-    async def turn(self, text: str) -> None:
-        await asyncio.wait_for(self.send(text), TIMEOUT)
-
-    async def stop(self) -> None:
-        """Like Chainlit's ``stop``: cancel the newest message task, then on_stop."""
-        if self.tasks:
-            self.tasks[-1].cancel()
-        await self._spawn(self.argus.on_stop)
-
-    async def wait_for(self, pred, timeout: float = TIMEOUT) -> tuple[str, Any]:
-        deadline = time.monotonic() + timeout
-        i = 0
-        while True:
-            while i < len(self.emitter.events):
-                if pred(self.emitter.events[i]):
-                    return self.emitter.events[i]
-                i += 1
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out; events: {self.emitter.events!r}"
-            self.emitter.changed.clear()
-            try:
-                await asyncio.wait_for(self.emitter.changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
-
-    def said(self) -> list[str]:
-        """Contents of the messages sent (final streamed ones included), in order."""
-        return [d["output"] for kind, d in self.emitter.events if kind == "send"]
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-async def settle(tasks) -> None:
-    """Wait for message tasks to end (cancelled ones included)."""
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
-
-
-def rows(store, user, conv_id=None):
-    """(role, status, content) of the user's only (or given) conversation, oldest first."""
-    if conv_id is None:
-        (conv,) = store.list_conversations(user.id).items
-        conv_id = conv.id
-    return [(m.role, m.status, m.content) for m in reversed(store.list_messages(conv_id, user.id).items)]
 
 
 # ---- pure helpers -------------------------------------------------------------------
@@ -235,7 +70,7 @@ async def test_history_oldest_first_without_errors_or_empty_rows(make_argus, sto
     add("assistant", "the model file is missing", status="error")
     add("user", "four")
     add("assistant", "quatre (partial)", status="stopped")
-    assert await argus._history(conv.id, alice.id) == [
+    assert await argus.history.messages(conv.id, alice.id) == [
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "uno"},
         {"role": "user", "content": "two"},
@@ -253,7 +88,7 @@ async def test_history_ends_at_the_message_being_answered(make_argus, store, ali
     me = store.add_message(conv.id, alice.id, "user", "second")
     store.add_message(conv.id, alice.id, "assistant", "", status="stopped")  # my placeholder
     store.add_message(conv.id, alice.id, "user", "third, sent while second waited")
-    assert await argus._history(conv.id, alice.id, upto=me.id) == [
+    assert await argus.history.messages(conv.id, alice.id, upto=me.id) == [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": "second"},
@@ -278,7 +113,7 @@ async def test_message_is_answered_by_the_real_model_and_stored(make_argus, stor
     assert msgs[1].content == final[0]["output"] and msgs[1].content.strip()
     assert msgs[1].model == local_model.model_id
     assert conv.title == "What is the capital of France?"
-    await wait_until(lambda: argus.slots._value == 2)  # the slot is back once the generation thread ends
+    await wait_until(lambda: argus.slots.free == 2)  # the slot is back once the generation thread ends
 
 
 async def test_too_long_message_is_refused_before_anything_is_stored(make_argus, store, alice):
@@ -353,7 +188,7 @@ async def test_stop_while_the_model_loads_keeps_the_message(make_argus, store, a
     msgs = list(reversed(store.list_messages(store.list_conversations(alice.id).items[0].id, alice.id).items))
     assert [(m.role, m.status) for m in msgs][4:] == [("user", "complete"), ("assistant", "complete")]
     assert msgs[5].content.strip() and msgs[5].model == local_model.model_id
-    history = await argus._history(msgs[0].conversation_id, alice.id, upto=msgs[4].id)
+    history = await argus.history.messages(msgs[0].conversation_id, alice.id, upto=msgs[4].id)
     assert [h["content"] for h in history] == ["Remember the number 42.", "Second message.", "And now?"]
 
 
@@ -374,7 +209,7 @@ async def test_stop_keeps_a_message_queued_behind_a_running_answer(make_argus, s
     assert ab == ("assistant", "stopped", "")  # B: stopped before answering
     shown = [t for t in chat.said() if t.endswith(STOPPED_MARK)]
     assert len(shown) == 1 and shown[0].startswith(aa[2].strip()[:10])
-    await wait_until(lambda: argus.slots._value == 2)
+    await wait_until(lambda: argus.slots.free == 2)
 
 
 async def test_queued_messages_are_answered_in_order(make_argus, store, alice):
@@ -392,7 +227,7 @@ async def test_queued_messages_are_answered_in_order(make_argus, store, alice):
     assert msgs[0].content == "Hi, my name is Alice." and msgs[2].content == "What is my name?"
     assert msgs[1].content.strip() and msgs[3].content.strip()
     # B's history: A's question and answer, then B (nothing stored after B)
-    history = await argus._history(conv.id, alice.id, upto=msgs[2].id)
+    history = await argus.history.messages(conv.id, alice.id, upto=msgs[2].id)
     assert history == [
         {"role": "user", "content": msgs[0].content},
         {"role": "assistant", "content": msgs[1].content},
@@ -429,7 +264,7 @@ async def test_generation_slots_cap_parallel_answers(make_argus, store, alice, b
     await second.stop()
     await settle([c])
     assert rows(store, bob)[2][2] == "Write a short poem." and rows(store, bob)[3][:2] == ("assistant", "stopped")
-    await wait_until(lambda: argus.slots._value == 1)
+    await wait_until(lambda: argus.slots.free == 1)
 
 
 async def test_a_failing_browser_socket_still_saves_the_partial_answer(make_argus, store, alice):
@@ -443,7 +278,7 @@ async def test_a_failing_browser_socket_still_saves_the_partial_answer(make_argu
     streamed = "".join(d["token"] for k, d in chat.emitter.events if k == "token")
     started = next(d["output"] for k, d in chat.emitter.events if k == "stream_start")
     assert answer[2].startswith(started + streamed) and len(answer[2]) > len(started + streamed)
-    await wait_until(lambda: argus.slots._value == 2)
+    await wait_until(lambda: argus.slots.free == 2)
 
 
 # ---- Chainlit threads: conversation id = thread id, /new, /select, resume ----------------
@@ -514,7 +349,7 @@ async def test_resume_continues_the_stored_conversation(make_argus, store, alice
     await chat.start()
     await chat.turn("Remember the number 42.")
     conv_id = chat.session.thread_id
-    thread = await chat._spawn(lambda: argus.data_layer.get_thread(conv_id))
+    thread = await chat.spawn(lambda: argus.data_layer.get_thread(conv_id))
 
     later = Chat(argus, alice)  # another tab, another day: resumed from the history
     await later.resume(thread)
@@ -523,7 +358,7 @@ async def test_resume_continues_the_stored_conversation(make_argus, store, alice
     assert [r[2] for r in rows(store, alice, conv_id) if r[0] == "user"] == [
         "Remember the number 42.", "What was the number?",
     ]
-    history = await argus._history(conv_id, alice.id)
+    history = await argus.history.messages(conv_id, alice.id)
     assert history[0] == {"role": "user", "content": "Remember the number 42."}
 
 
@@ -533,7 +368,7 @@ async def test_a_thread_that_is_not_the_users_is_never_written(make_argus, store
     await chat.start()
     await chat.turn("Alice's secret")
     alices = chat.session.thread_id
-    thread = await chat._spawn(lambda: argus.data_layer.get_thread(alices))
+    thread = await chat.spawn(lambda: argus.data_layer.get_thread(alices))
 
     intruder = Chat(argus, bob)
     await intruder.resume(thread)  # even if on_chat_resume were called with her thread

@@ -1,6 +1,6 @@
 """The chat with remote models: JarvisArgus + the key pool + the real google-genai SDK against
 the Gemini fake on 127.0.0.1 (tests/fakes), a real SQLiteStore, the real local model for
-fallbacks, and a real Chainlit context (test_core's Chat and recording emitter).
+fallbacks, and a real Chainlit context (tests/support/chat_harness's Chat and recording emitter).
 
 Covers: streaming with history and images, failover before the first token, invalid keys
 (disabled, admins told), mid-stream failures (partial text kept, Retry), fallback to the
@@ -20,12 +20,14 @@ import chainlit as cl
 import pytest
 
 from argus.commands.base import ADMIN_ONLY
-from argus.core import INTERRUPTED_MARK, RETRY_ACTION, JarvisArgus
+from argus.chat.answering import RETRY_ACTION
+from argus.chat.hooks import JarvisArgus
+from argus.chat.sentences import INTERRUPTED_MARK
 from argus.datalayer import KIND_KEY, KIND_NOTICE
 from argus.providers import fingerprint
 from tests.support.fakes.fixtures import anthropic_fake, gemini_fake, loopback_only, openai_fake  # noqa: F401
 from tests.support.fakes.gemini_server import PNG_1X1, VIDEO_BYTES
-from tests.chat.test_core import TIMEOUT, Chat, RecordingEmitter, make_settings, rows, settle, wait_until
+from tests.support.chat_harness import TIMEOUT, Chat, RecordingEmitter, make_settings, rows, settle, wait_until
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -54,12 +56,12 @@ class RemoteChat(Chat):
             made.append(cl.Message(content=text, type="user_message", author=self.user.name, **fields))
             await self.argus.on_message(made[0])
 
-        task = self._spawn(go)
+        task = self.spawn(go)
         self.tasks.append(task)
         return task, made
 
     async def call(self, make_coro):
-        await asyncio.wait_for(self._spawn(make_coro), TIMEOUT)
+        await asyncio.wait_for(self.spawn(make_coro), TIMEOUT)
 
     def events(self, kind: str) -> list[dict]:
         return [d for k, d in self.emitter.events if k == kind]
@@ -153,7 +155,7 @@ async def test_gemini_streams_into_the_chat_with_history_and_usage(remote_argus,
 
 
 async def test_images_go_inline_to_a_vision_model(remote_argus, gemini_fake, store, alice):
-    from live_server import png  # a real PNG made with Pillow
+    from tests.support.live_server import png  # a real PNG made with Pillow
 
     argus, _ = remote_argus("ok")
     chat = RemoteChat(argus, alice)
@@ -257,7 +259,7 @@ async def test_a_failure_mid_stream_keeps_the_partial_answer_and_offers_a_retry(
     await chat.call(lambda: argus.on_retry(cl.Action(name=RETRY_ACTION, payload=action["payload"])))
     assert chat.said()[-1] == ANSWER and sent_keys(gemini_fake)[-1] == ok
     assert [r[:2] for r in rows(store, alice)] == [("user", "complete"), ("assistant", "error"), ("assistant", "complete")]
-    assert (await argus._history(chat.argus.store.list_conversations(alice.id).items[0].id, alice.id))[-1] == {
+    assert (await argus.history.messages(chat.argus.store.list_conversations(alice.id).items[0].id, alice.id))[-1] == {
         "role": "assistant", "content": ANSWER}  # the interrupted answer is not part of the memory
 
 

@@ -35,7 +35,7 @@ import pytest
 import socketio
 from PIL import Image
 
-from argus.core import MAX_MESSAGE_CHARS, too_long_message
+from argus.chat.sentences import MAX_MESSAGE_CHARS, too_long_message
 from argus.store import SQLiteStore
 from tests.support.ports import free_port
 

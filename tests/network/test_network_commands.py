@@ -14,12 +14,13 @@ import stat
 
 import pytest
 
-from argus.cluster_state import CHOICE_FILE, NetworkChoice, current_network
+from argus.network_choice import CHOICE_FILE, NetworkChoice, current_network
 from argus.commands import COMMANDS, CommandContext, SessionState, parse_command, run_command
 from argus.commands.base import ADMIN_ONLY
-from argus.commands.network import NOT_CONFIGURED, fmt_ago, fmt_bytes, parse_ttl
+from argus.commands.network import NOT_CONFIGURED, parse_ttl
 from argus.commands.workers import CONFIRM_WINDOW_S, parse_allocation
 from argus.config import Settings
+from worker.protocol.units import format_ago, format_bytes
 from worker.control import ControlClient, ControlError, DaemonUnavailable
 from worker.protocol import CONTROL_COMMANDS
 
@@ -409,8 +410,8 @@ async def test_workers_remove_unknown_node_and_this_machine(store, alice):
 
 # ---- small pieces ------------------------------------------------------------------------
 def test_formatting_helpers():
-    assert [fmt_bytes(n) for n in (0, 512, 1536, 2 * GiB, 120 * GiB, None)] == ["0 B", "512 B", "1.5 KiB", "2 GiB", "120 GiB", "—"]
-    assert [fmt_ago(NOW - s, NOW) for s in (0, 12, 125, 7300, 3 * 86400)] == ["just now", "12 s ago", "2 min ago", "2 h ago", "3 d ago"]
+    assert [format_bytes(n) for n in (0, 512, 1536, 2 * GiB, 120 * GiB, None)] == ["0 B", "512 B", "1.5 KiB", "2 GiB", "120 GiB", "—"]
+    assert [format_ago(NOW - s, NOW) for s in (0, 12, 125, 7300, 3 * 86400)] == ["just now", "12 s ago", "2 min ago", "2 h ago", "3 d ago"]
     assert [parse_ttl(t) for t in ("900", "90s", "15m", "2h", "2 days", "")] == [900, 90, 900, 7200, None, None]
     assert parse_allocation(["cpu=12.5%"]) == {"cpu_share": 0.125}
 
@@ -435,7 +436,7 @@ def test_worker_data_dir_setting(monkeypatch, tmp_path):
 
 
 def test_the_chat_server_has_the_daemon_client_and_the_network_choice(store, monkeypatch, tmp_path):
-    from argus.core import JarvisArgus
+    from argus.chat.hooks import JarvisArgus
 
     for key in list(os.environ):
         if key.startswith("ARGUS_"):
@@ -513,6 +514,16 @@ async def test_workers_plan_without_changes_says_so(store, alice):
     daemon = CannedDaemon(placement_plan={**PLAN, "changes": False, "current_epoch": 2})
     reply = await run(make_ctx(store, alice, daemon), "/workers plan lab1")
     assert "This is the placement in use" in reply
+
+
+async def test_a_malformed_plan_from_the_daemon_is_one_sentence_naming_the_field(store, alice):
+    broken = {**PLAN, "placement": {**PLAN["placement"], "assignments": [{"node_id": "pi-4", "start": 14}]}}
+    reply = await run(make_ctx(store, alice, CannedDaemon(placement_plan=broken)), "/workers plan")
+    assert reply == "The daemon's plan for network `lab1` could not be read (assignment field 'end' is missing); see its log."
+    outside = {**PLAN, "placement": {**PLAN["placement"], "assignments": [
+        {"node_id": "pi-4", "start": 14, "end": 99, "holds_embedding": False, "holds_head": True, "bytes": 1}]}}
+    reply = await run(make_ctx(store, alice, CannedDaemon(placement_plan=outside)), "/workers plan")
+    assert "blocks 14..99 are not within 0..30" in reply
 
 
 async def test_workers_plan_shortage_is_the_daemons_sentence(store, alice):

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from argus.providers import PROVIDERS, make_provider, provider_class
-from argus.providers._common import retry_after_s
+from argus.providers.transport import retry_after_s
 from argus.providers.base import (
     ERROR_KINDS,
     ChatMessage,

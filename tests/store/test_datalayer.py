@@ -27,7 +27,7 @@ from chainlit.types import Feedback, Pagination, ThreadFilter
 from PIL import Image
 
 from argus.config import Settings
-from argus.core import JarvisArgus
+from argus.chat.hooks import JarvisArgus
 from argus.datalayer import (
     KIND_ANSWER,
     KIND_CHAT,

@@ -30,7 +30,7 @@ from tests.support.chainlit_server import running_server
 from tests.support.ports import free_port
 from tests.support.live_server import Chat, said
 
-from argus.core import STORE_DOWN
+from argus.chat.sentences import STORE_DOWN
 from argus.signup import STORAGE_UNAVAILABLE
 
 pytestmark = pytest.mark.e2e

@@ -1,10 +1,10 @@
-"""The chat answered by a worker network: ``ControlClient.infer``, the cluster provider, the chat.
+"""The chat answered by a worker network: ``ControlClient.infer``, the network back-end, the chat.
 
 * ``ControlClient.infer`` speaks to a control endpoint over real TLS 1.3 on 127.0.0.1
   (``WireDaemon``: the daemon's wire format — credentials, the opening, scripted
   ``inference_response``/``error`` frames — without the daemon's inference, which is the
   daemon's own tests' business).
-* The provider and the chat (``JarvisArgus`` with test_core's Chainlit harness, the real
+* The provider and the chat (``JarvisArgus`` with tests/support/chat_harness's Chainlit harness, the real
   local model and tokenizer, a real SQLiteStore) run against ``ScriptedDaemon``, a stand-in
   for the control client's ``call``/``infer`` that records what it was asked.
 * ``test_chat_over_network_e2e``: ``chainlit run app.py`` + three ``python -m worker``
@@ -22,18 +22,19 @@ import pytest
 from websockets.asyncio.server import serve
 
 from argus.catalogue import ModelSpec
-from argus.core import INTERRUPTED_MARK, JarvisArgus
+from argus.chat.hooks import JarvisArgus
+from argus.chat.sentences import INTERRUPTED_MARK
 from argus.providers import ProviderError
-from argus.providers.cluster import (
-    CLUSTER,
-    ClusterProvider,
+from argus.chat.backends.network import (
+    NETWORK_PROVIDER,
+    NetworkBackend,
     PromptTools,
     chat_prompt,
-    cluster_model_id,
-    is_cluster_model,
+    is_network_model,
     model_label,
+    network_model_id,
 )
-from tests.chat.test_core import Chat, make_settings, rows
+from tests.support.chat_harness import Chat, make_settings, rows
 from worker import pki, protocol
 from worker.control import (
     CONTROL_NETWORK,
@@ -278,12 +279,12 @@ class Settings:
     max_new_tokens, temperature, top_k, top_p, repetition_penalty, model_path = 16, 0.0, 40, 0.9, 1.1, None
 
 
-def provider(store, daemon, local_model, network: Optional[str] = "lab1") -> ClusterProvider:
-    return ClusterProvider(Settings(), store, {"daemon": daemon, "network_choice": Choice(network)},
+def provider(store, daemon, local_model, network: Optional[str] = "lab1") -> NetworkBackend:
+    return NetworkBackend(Settings(), store, {"daemon": daemon, "network_choice": Choice(network)},
                            loaded_model=lambda: local_model)
 
 
-SPEC = ModelSpec(provider=CLUSTER, id=cluster_model_id("lab1"), label="SmolLM2 on network Home lab", kind="chat")
+SPEC = ModelSpec(provider=NETWORK_PROVIDER, id=network_model_id("lab1"), label="SmolLM2 on network Home lab", kind="chat")
 HISTORY = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = [piece(" The"), piece(" capital"), piece(" is Paris."), piece("", None, True, "stop", {**USAGE, "prompt_tokens": 31, "completion_tokens": 3})]
 
@@ -361,7 +362,7 @@ async def test_the_model_is_named_after_the_network_and_offered_only_while_one_i
     p = provider(store, ScriptedDaemon(), local_model)
     spec = await p.spec()
     assert (spec.id, spec.label, spec.kind, spec.vision) == ("cluster:lab1", "SmolLM2 on network Home lab", "chat", False)
-    assert is_cluster_model(spec.id) and not is_cluster_model("gemini-2.5-flash") and not is_cluster_model("cluster:")
+    assert is_network_model(spec.id) and not is_network_model("gemini-2.5-flash") and not is_network_model("cluster:")
     down = provider(store, ScriptedDaemon(call_error=DaemonUnavailable("No worker daemon is running.")), local_model)
     assert (await down.spec()).label == "SmolLM2 on network lab1"  # the id when the daemon cannot say
     assert await provider(store, ScriptedDaemon(), local_model, network=None).spec() is None
@@ -377,7 +378,7 @@ async def test_prompt_tools_come_from_the_gguf_when_no_local_model_is_loaded(sto
         loads.append(1)
         return PromptTools(local_model.tokenizer, local_model.context_length)
 
-    p = ClusterProvider(Settings(), store, {"daemon": ScriptedDaemon(ANSWER), "network_choice": Choice()},
+    p = NetworkBackend(Settings(), store, {"daemon": ScriptedDaemon(ANSWER), "network_choice": Choice()},
                         tools_loader=loader)
     await p.stream_chat(SPEC, HISTORY, CONV).collect()
     await p.stream_chat(SPEC, HISTORY, CONV).collect()
@@ -428,9 +429,9 @@ async def test_the_network_is_the_default_model_only_while_one_is_chosen(make_ar
     argus = make_argus()
     daemon = ScriptedDaemon(ANSWER)
     use_network(argus, daemon, None)
-    assert not any(is_cluster_model(m.id) for m in await argus._models())
+    assert not any(is_network_model(m.id) for m in await argus.models.offered())
     use_network(argus, daemon)
-    models = await argus._models()
+    models = await argus.models.offered()
     assert (models[0].id, models[0].name) == ("cluster:lab1", "SmolLM2 on network Home lab")
     assert any(m.id == local_model.model_id for m in models)
     # a user who picks the local model keeps it; the network is not asked
@@ -476,7 +477,7 @@ async def test_rebalance_shows_the_transfers_as_a_task_list_in_the_chat(make_arg
     from chainlit.config import FILES_DIRECTORY
 
     from argus.commands import workers
-    from tests.chat.test_core import RecordingEmitter
+    from tests.support.chat_harness import RecordingEmitter
 
     class ElementEmitter(RecordingEmitter):
         async def send_element(self, element_dict):
@@ -520,8 +521,8 @@ MAX_NEW = 24
 @pytest.mark.e2e
 @pytest.mark.skipif(not CLUSTER_READY, reason="worker.cluster (the daemon's side of issue 6) is not there yet")
 async def test_chat_over_network_e2e(tmp_path, local_model):
-    from daemons import start_daemon, wait_for
-    from live_server import Chat as LiveChat, history_env, said, serve, sign_in, sign_up
+    from tests.support.daemons import start_daemon, wait_for
+    from tests.support.live_server import Chat as LiveChat, history_env, said, serve, sign_in, sign_up
 
     async def ask(chat, text: str) -> tuple[str, list]:
         events, _ = await chat.turn(text)

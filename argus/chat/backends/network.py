@@ -1,7 +1,7 @@
-"""The worker network as a chat model: the model split over the daemons of a network (issue 6).
+"""The worker network as a chat back-end: the model split over the daemons of a network (issue 6).
 
 When an administrator has chosen a network with ``/network use``
-(:mod:`argus.cluster_state`) and this machine is that network's admin, the chat
+(:mod:`argus.network_choice`) and this machine is that network's admin, the chat
 offers "SmolLM2 on network <name>" and makes it the default model of new
 messages (a user may still pick another one with ``/model`` or the composer's
 settings). Otherwise it is not offered at all.
@@ -19,7 +19,8 @@ and streams the generated text back:
   tokens that are new since its last answer;
 * the text streams through the same :class:`~argus.providers.base.ChatStream`
   as every remote provider's, and the usage is recorded in the store's usage
-  buckets (key id and model: the model id ``cluster:<network id>``).
+  buckets (key id and model: the model id ``cluster:<network id>``; the stored
+  provider name and id prefix stay ``cluster`` so existing rows keep their meaning).
 
 Failures come out of the stream as :class:`ProviderError` with one sentence for
 the user: ``network_error`` (no daemon, connection lost, nothing heard for the
@@ -35,13 +36,19 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from argus.catalogue import ModelSpec
+from argus.config import sampling_params
+from argus.chat.backends.base import BackendUnavailable, Sink, Streamed
+from argus.chat.history import as_messages
+from argus.chat.sentences import MESSAGE_NOT_FOUND
+from argus.chat.shield import unstoppable
 from argus.keys.pool import utc_day
 from argus.providers.base import ChatStream, ProviderError, Usage
-from argus.store.base import Store, StoreError
+from argus.store.base import Message, Store, StoreError
+from argus.streaming import StreamHandle, stream_async_pieces
 from worker.control import ControlError, DaemonUnavailable
 from worker.engine.gguf_file import ModelFile, ModelLoadError, default_model_path
 from worker.engine.model import fit_chat
@@ -50,8 +57,8 @@ from worker.protocol import SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
 
-#: The provider name of the worker network (``ModelSpec.provider``, ``ProviderError.provider``).
-CLUSTER = "cluster"
+#: The provider name of the worker network (stored with usage rows; the value predates "network") (``ModelSpec.provider``, ``ProviderError.provider``).
+NETWORK_PROVIDER = "cluster"
 #: Model ids of the worker network: this prefix, then the network id.
 MODEL_PREFIX = "cluster:"
 #: What the networks run (``worker/daemon.py`` serves SmolLM2-135M); the label's model part
@@ -65,22 +72,22 @@ NAME_LOOKUP_TIMEOUT_S = 2.0
 #: The highest temperature the protocol carries (``protocol.SAMPLING_FIELDS``).
 MAX_TEMPERATURE = 5.0
 #: Sentence when the chat server has no daemon client (a server built without one).
-NOT_CONFIGURED = "The worker cluster is not set up on this server, so there is no worker daemon to ask."
+NOT_CONFIGURED = "The worker network is not set up on this server, so there is no worker daemon to ask."
 
 
-def cluster_model_id(network_id: str) -> str:
+def network_model_id(network_id: str) -> str:
     """The model id of network ``network_id``: ``"cluster:<network_id>"``."""
     return MODEL_PREFIX + network_id
 
 
-def is_cluster_model(model_id: Optional[str]) -> bool:
+def is_network_model(model_id: Optional[str]) -> bool:
     """Whether ``model_id`` names a worker network (``"cluster:…"``)."""
     return bool(model_id) and model_id.startswith(MODEL_PREFIX) and len(model_id) > len(MODEL_PREFIX)
 
 
 def network_of(model_id: str) -> str:
-    """The network id in a cluster model id. Raises ValueError for another id."""
-    if not is_cluster_model(model_id):
+    """The network id in a network model id. Raises ValueError for another id."""
+    if not is_network_model(model_id):
         raise ValueError(f"{model_id!r} is not a worker-network model id ({MODEL_PREFIX}<network id>)")
     return model_id[len(MODEL_PREFIX):]
 
@@ -145,7 +152,7 @@ def chat_prompt(
 # ---------------------------------------------------------------------------
 # The stream.
 # ---------------------------------------------------------------------------
-class ClusterStream(ChatStream):
+class NetworkStream(ChatStream):
     """A :class:`ChatStream` of a network's answer; after iteration also:
 
     ``notice``: a sentence for the user (old messages left out to fit, answer cut off by the
@@ -154,8 +161,8 @@ class ClusterStream(ChatStream):
     ``decode_tokens_s``), empty until the last message.
     """
 
-    def __init__(self, source: Callable[["ClusterStream"], AsyncIterator[str]], map_error: Callable[[BaseException], ProviderError]):
-        super().__init__(CLUSTER, source, map_error)  # type: ignore[arg-type]
+    def __init__(self, source: Callable[["NetworkStream"], AsyncIterator[str]], map_error: Callable[[BaseException], ProviderError]):
+        super().__init__(NETWORK_PROVIDER, source, map_error)  # type: ignore[arg-type]
         self.notice: Optional[str] = None
         self.timings: dict = {}
 
@@ -165,21 +172,23 @@ def map_error(exc: BaseException) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, DaemonUnavailable):
-        return ProviderError("network_error", _sentence(str(exc)), provider=CLUSTER, detail=str(exc))
+        return ProviderError("network_error", _sentence(str(exc)), provider=NETWORK_PROVIDER, detail=str(exc))
     if isinstance(exc, ControlError):
         kind = "bad_request" if exc.code in ("invalid_payload", "frame_too_large") else "server_error"
         text = exc.message or f"The worker network refused to answer ({exc.code})"
-        return ProviderError(kind, _sentence(text), provider=CLUSTER, detail=f"{exc.code}: {exc.message}")
+        return ProviderError(kind, _sentence(text), provider=NETWORK_PROVIDER, detail=f"{exc.code}: {exc.message}")
     if isinstance(exc, ModelLoadError):
-        return ProviderError("server_error", _sentence(str(exc)), provider=CLUSTER, detail=str(exc))
+        return ProviderError("server_error", _sentence(str(exc)), provider=NETWORK_PROVIDER, detail=str(exc))
     return ProviderError(
         "server_error", "The worker network failed while answering; please try again in a moment.",
-        provider=CLUSTER, detail=repr(exc),
+        provider=NETWORK_PROVIDER, detail=repr(exc),
     )
 
 
-class ClusterProvider:
-    """The worker network chosen with ``/network use``, as a chat model.
+class NetworkBackend:
+    """The worker network chosen with ``/network use``, as a chat model and a
+    :class:`~argus.chat.backends.base.ChatBackend` (answers compute on the workers: no
+    generation slot here).
 
     Args:
         settings: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
@@ -188,7 +197,7 @@ class ClusterProvider:
         store: where usage is recorded (``record_api_usage``).
         services: the chat server's services (``JarvisArgus.services``): ``"daemon"`` (a
             :class:`~worker.control.ControlClient`, or anything with its ``call`` and
-            ``infer``) and ``"network_choice"`` (:class:`~argus.cluster_state.NetworkChoice`),
+            ``infer``) and ``"network_choice"`` (:class:`~argus.network_choice.NetworkChoice`),
             read at each use so a replaced one takes effect at once.
         loaded_model: returns the local model once it is loaded (its tokenizer is then
             reused), else None.
@@ -196,6 +205,8 @@ class ClusterProvider:
             loaded (default :func:`load_prompt_tools` of ``settings.model_path``).
         clock: seconds, for the name cache (monotonic).
     """
+
+    holds_slot = False
 
     def __init__(
         self,
@@ -228,7 +239,7 @@ class ClusterProvider:
     def model_id_now(self) -> Optional[str]:
         """The model id of the chosen network (``cluster:<id>``), or None; never waits."""
         nid = self.network_id()
-        return cluster_model_id(nid) if nid else None
+        return network_model_id(nid) if nid else None
 
     async def spec(self) -> Optional[ModelSpec]:
         """The chat model of the chosen network ("SmolLM2 on network <name>"; the id when the
@@ -243,7 +254,7 @@ class ClusterProvider:
             return None
         tools = self._tools
         return ModelSpec(
-            provider=CLUSTER, id=cluster_model_id(nid), label=label, kind="chat",
+            provider=NETWORK_PROVIDER, id=network_model_id(nid), label=label, kind="chat",
             context_tokens=tools.context_tokens if tools is not None else 0,
         )
 
@@ -290,17 +301,18 @@ class ClusterProvider:
             return self._tools
 
     def sampling(self) -> dict:
-        """The answer's sampling for the daemon from the settings, as for every model: temperature
-        (0 is greedy; at most :data:`MAX_TEMPERATURE`), top-p, top-k and the repetition penalty
-        (within the protocol's 0.01..10), each only when ``protocol.SAMPLING_FIELDS`` carries it."""
-        s = self.settings
-        wanted = {
-            "temperature": min(float(s.temperature), MAX_TEMPERATURE), "top_p": float(s.top_p),
-            "top_k": int(s.top_k), "repetition_penalty": min(max(float(s.repetition_penalty), 0.01), 10.0),
-        }
-        return {k: v for k, v in wanted.items() if k in SAMPLING_FIELDS}
+        """The answer's sampling for the daemon (``SamplingParams.to_wire()`` of
+        :func:`argus.config.sampling_params`, as for every model), clamped to what the protocol carries:
+        temperature (0 is greedy) at most :data:`MAX_TEMPERATURE`, the repetition penalty within
+        0.01..10; only the fields ``protocol.SAMPLING_FIELDS`` carries, and no null ones."""
+        params = sampling_params(self.settings)
+        params = replace(
+            params, temperature=min(params.temperature, MAX_TEMPERATURE),
+            repetition_penalty=min(max(params.repetition_penalty, 0.01), 10.0),
+        )
+        return {k: v for k, v in params.to_wire().items() if k in SAMPLING_FIELDS and v is not None}
 
-    def stream_chat(self, spec: ModelSpec, messages: Sequence[dict], conversation_key: str) -> ClusterStream:
+    def stream_chat(self, spec: ModelSpec, messages: Sequence[dict], conversation_key: str) -> NetworkStream:
         """A stream of the answer to ``messages`` (``[{"role", "content"}]``, oldest first, the
         last the user's message) on the network ``spec`` names, in the session of
         ``conversation_key`` (the conversation id). Nothing is sent until it is iterated.
@@ -310,10 +322,10 @@ class ClusterProvider:
         network_id = network_of(spec.id)
         max_new = int(self.settings.max_new_tokens)
 
-        async def source(stream: ClusterStream) -> AsyncIterator[str]:
+        async def source(stream: NetworkStream) -> AsyncIterator[str]:
             daemon = self.services.get("daemon")
             if daemon is None:
-                raise ProviderError("server_error", NOT_CONFIGURED, provider=CLUSTER)
+                raise ProviderError("server_error", NOT_CONFIGURED, provider=NETWORK_PROVIDER)
             tools = await self.tools()
             ctx = tools.context_tokens
             ids, dropped = await asyncio.to_thread(chat_prompt, tools.tokenizer, messages, ctx, max_new)
@@ -322,7 +334,7 @@ class ClusterProvider:
                     "bad_request",
                     f"Your message is {len(ids)} tokens long and this model's context window holds {ctx}; "
                     "please send a shorter message.",
-                    provider=CLUSTER,
+                    provider=NETWORK_PROVIDER,
                 )
             if dropped:
                 stream.notice = (
@@ -351,10 +363,20 @@ class ClusterProvider:
                         return
             raise ProviderError(
                 "server_error", "The worker network stopped answering before the end; please try again.",
-                provider=CLUSTER,
+                provider=NETWORK_PROVIDER,
             )
 
-        return ClusterStream(source, map_error)
+        return NetworkStream(source, map_error)
+
+    async def open_turn(self, spec: Optional[ModelSpec], rows: Sequence[Message], turn: Any) -> NetworkTurn:
+        """The answer to ``turn`` in the conversation's session on the network ``spec`` names
+        (nothing is sent until it streams). Raises BackendUnavailable when the message to
+        answer is not among ``rows``."""
+        assert spec is not None and is_network_model(spec.id), "a network answer needs the network's model"
+        history = as_messages(rows)
+        if not history:
+            raise BackendUnavailable(MESSAGE_NOT_FOUND)
+        return NetworkTurn(self, spec, self.stream_chat(spec, history, turn.conv_id), turn.user_id)
 
     async def record_usage(self, spec: ModelSpec, stream: ChatStream, user_id: str) -> None:
         """Count the answer (its ``usage``; none counts the request alone) for ``user_id`` in the
@@ -372,17 +394,42 @@ class ClusterProvider:
             log.warning("the usage of an answer on %s was not recorded: %s", spec.id, exc)
 
 
+class NetworkTurn:
+    """One answer on the network ``spec`` names (:meth:`NetworkBackend.open_turn`)."""
+
+    def __init__(self, backend: "NetworkBackend", spec: ModelSpec, stream: NetworkStream, user_id: str):
+        self.backend, self.spec, self.chat_stream, self.user_id = backend, spec, stream, user_id
+
+    async def stream(self, sink: Sink, handle: StreamHandle) -> Streamed:
+        """Stream the network's answer into ``sink``; the usage is recorded once text came.
+        Raises BackendUnavailable when the network could not start an answer (no daemon,
+        blocks not loaded, …; nothing was streamed); a message too long for the model is
+        answered with that sentence."""
+        stream = self.chat_stream
+        result = await stream_async_pieces(stream, sink, handle)
+        error = result.error if isinstance(result.error, ProviderError) else None
+        cancelled = result.task_cancelled
+        if not cancelled and result.status == "error" and not result.pieces and not result.sink_failed:
+            if error is None or error.kind != "bad_request":
+                raise BackendUnavailable(str(result.error) or "the worker network failed")
+        if result.pieces or result.status == "complete":
+            _, again = await unstoppable(self.backend.record_usage(self.spec, stream, self.user_id))
+            cancelled = cancelled or again
+        return Streamed(result, self.spec.id, error=error, notice=stream.notice, cancelled=cancelled)
+
+
 __all__ = [
-    "CLUSTER",
-    "ClusterProvider",
-    "ClusterStream",
     "MODEL_PREFIX",
+    "NETWORK_PROVIDER",
+    "NetworkBackend",
+    "NetworkStream",
+    "NetworkTurn",
     "PromptTools",
     "chat_prompt",
-    "cluster_model_id",
-    "is_cluster_model",
+    "is_network_model",
     "load_prompt_tools",
     "map_error",
     "model_label",
+    "network_model_id",
     "network_of",
 ]

@@ -4,7 +4,7 @@ The choice is one small JSON file, ``<ARGUS_DATA_DIR>/cluster.json``
 (``{"network_id": "..."}``), written atomically (temporary file, fsync,
 rename) with owner-only permissions, so every chat session, every server
 process on this data directory and a restart all see the same network. The
-cluster provider reads it with :func:`current_network`.
+network back-end reads it with :func:`current_network` (the file keeps its old name).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class NetworkChoice:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"network_id": network_id}).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=".cluster-", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".network-choice-", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o600)  # mkstemp makes it 0600 already; keep it so explicitly
