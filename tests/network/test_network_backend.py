@@ -8,12 +8,11 @@
   local model and tokenizer, a real SQLiteStore) run against ``ScriptedDaemon``, a stand-in
   for the control client's ``call``/``infer`` that records what it was asked.
 * ``test_chat_over_network_e2e``: ``chainlit run app.py`` + three ``python -m worker``
-  processes (an admin and two workers) on loopback; skipped until ``worker.cluster`` exists.
+  processes (an admin and two workers) on loopback.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 from pathlib import Path
 from typing import Optional
@@ -513,13 +512,11 @@ async def test_rebalance_shows_the_transfers_as_a_task_list_in_the_chat(make_arg
 # ---------------------------------------------------------------------------
 # end to end: the chat server and three daemons
 # ---------------------------------------------------------------------------
-CLUSTER_READY = importlib.util.find_spec("worker.cluster") is not None
 TOKEN = re.compile(r"argus1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 MAX_NEW = 24
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not CLUSTER_READY, reason="worker.cluster (the daemon's side of issue 6) is not there yet")
 async def test_chat_over_network_e2e(tmp_path, local_model):
     from tests.support.daemons import start_daemon, wait_for
     from tests.support.live_server import Chat as LiveChat, history_env, said, serve, sign_in, sign_up
