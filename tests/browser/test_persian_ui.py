@@ -9,6 +9,7 @@ languages) go to docs/screenshots/ and to the test's tmp dir.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -25,8 +26,10 @@ EN = json.loads((TRANSLATIONS / "en-US.json").read_text(encoding="utf-8"))
 REPLY_TIMEOUT_MS = 300_000  # the model's first load included; the 2 cores are shared
 
 # A paragraph's reading direction as the browser laid it out: where its first and last
-# characters are drawn (right of the last for a right-to-left paragraph).
-READING_DIRECTION = """el => {
+# characters are drawn (right of the last for a right-to-left paragraph); null until laid out.
+# Only a text mixing both scripts tells the paragraph's direction apart (a purely Persian text
+# runs right to left in any paragraph), so the messages below start in one and end in the other.
+_READING_DIRECTION = """el => {
   const text = el.firstChild && el.firstChild.nodeType === 3 ? el.firstChild : el;
   const node = text.nodeType === 3 ? text : document.createTreeWalker(el, NodeFilter.SHOW_TEXT).nextNode();
   const r = document.createRange();
@@ -34,8 +37,17 @@ READING_DIRECTION = """el => {
   const first = r.getBoundingClientRect();
   r.setStart(node, node.length - 1); r.setEnd(node, node.length);
   const last = r.getBoundingClientRect();
+  if (!first.width || !last.width || first.left === last.left) return null;
   return first.left > last.left ? "rtl" : "ltr";
 }"""
+
+
+def reading_direction(locator, timeout_s: float = 10.0) -> str:
+    """``"rtl"`` or ``"ltr"``, as the browser drew the text of ``locator`` (waits for its layout)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := locator.evaluate(_READING_DIRECTION)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def _page_state(page) -> dict:
@@ -82,10 +94,27 @@ def _send(page, text: str):
     return bubble
 
 
-def _wait_for_answer(page):
-    """Until the assistant's answer is complete (the stop button has gone)."""
-    page.locator("[data-step-type=assistant_message]").first.wait_for(timeout=REPLY_TIMEOUT_MS)
-    page.wait_for_function("!document.querySelector('#stop-button')", timeout=REPLY_TIMEOUT_MS)
+def _wait_for_answers(page, count: int):
+    """Until ``count`` assistant answers are shown and the last is complete (no stop button)."""
+    page.wait_for_function(
+        f"document.querySelectorAll('[data-step-type=assistant_message]').length >= {count}"
+        " && !document.querySelector('#stop-button')",
+        timeout=REPLY_TIMEOUT_MS,
+    )
+
+
+def _settled_box(page, selector: str, timeout_s: float = 10.0) -> dict:
+    """The bounding box of ``selector`` once it stopped moving (sidebar transitions, sheet slide-in)."""
+    page.locator(selector).first.wait_for()
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        box = page.locator(selector).first.bounding_box()
+        if box is not None and box == last:
+            return box
+        last = box
+        time.sleep(0.3)
+    return last
 
 
 @pytest.mark.parametrize("viewport, label", [(DESKTOP, "desktop"), (PHONE, "phone")])
@@ -130,22 +159,27 @@ def test_sign_up_then_sign_in_lands_on_a_persian_right_to_left_chat(live, open_p
     assert page.get_attribute("#chat-input", "placeholder") == FA["chat"]["input"]["placeholder"]
     state = _page_state(page)
     assert state["dir"] == "rtl" and state["direction"] == "rtl", state
-    sidebar = page.locator("[data-sidebar=sidebar]").first.bounding_box()
+    sidebar = _settled_box(page, "[data-sidebar=sidebar]")
     assert sidebar and sidebar["x"] > DESKTOP["width"] / 2, f"sidebar not on the right: {sidebar}"
 
     # An English message in the Persian UI still reads left to right; a Persian one right to left.
-    english = _send(page, "Hello there, how are you?")
-    assert english.evaluate(READING_DIRECTION) == "ltr"
-    _wait_for_answer(page)
-    persian = _send(page, "سلام، حالت چطور است؟")
-    assert persian.evaluate(READING_DIRECTION) == "rtl"
-    _wait_for_answer(page)
+    english = _send(page, "Hello there, how are you? سلام")
+    assert reading_direction(english) == "ltr"
+    _wait_for_answers(page, 1)
+    persian = _send(page, "سلام، حالت چطور است؟ OK")
+    assert reading_direction(persian) == "rtl"
+    _wait_for_answers(page, 2)
     shoot(page, "chat-fa-desktop", publish=True)
 
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(500)
     assert _page_state(page)["dir"] == "rtl"
     shoot(page, "chat-fa-phone", publish=True)
+    # On a phone the sidebar is a sheet: it opens from the right edge.
+    page.click("#sidebar-trigger-button")
+    box = _settled_box(page, "[data-mobile=true][data-sidebar=sidebar]")
+    assert box and abs(box["x"] + box["width"] - PHONE["width"]) < 2, f"sheet not at the right edge: {box}"
+    shoot(page, "sidebar-fa-phone", publish=True)
 
 
 def test_the_english_chat_stays_left_to_right_and_shows_a_persian_message_right_to_left(live, open_page, shoot):
@@ -154,14 +188,14 @@ def test_the_english_chat_stays_left_to_right_and_shows_a_persian_message_right_
     assert page.get_attribute("#chat-input", "placeholder") == EN["chat"]["input"]["placeholder"]
     state = _page_state(page)
     assert state["dir"] == "ltr" and state["direction"] == "ltr", state
-    sidebar = page.locator("[data-sidebar=sidebar]").first.bounding_box()
+    sidebar = _settled_box(page, "[data-sidebar=sidebar]")
     assert sidebar and sidebar["x"] < DESKTOP["width"] / 2, f"sidebar not on the left: {sidebar}"
 
-    persian = _send(page, "کتاب خوبی برای خواندن پیشنهاد بده")
-    assert persian.evaluate(READING_DIRECTION) == "rtl"
+    persian = _send(page, "کتاب خوبی برای خواندن پیشنهاد بده, please")
+    assert reading_direction(persian) == "rtl"
     font = persian.evaluate("el => getComputedStyle(el).fontFamily")
     assert font.startswith('"Vazirmatn Arabic"'), font
-    _wait_for_answer(page)
+    _wait_for_answers(page, 1)
     shoot(page, "chat-en-desktop", publish=True)
 
     page.set_viewport_size(PHONE)
