@@ -258,7 +258,7 @@ def test_dockerignore_keeps_the_app_and_drops_local_state():
     for path in (".venv/bin/python", ".env", ".env.local", "data/argus.db", "data/auth_secret",
                  ".files/abc/upload.png", ".git/HEAD", ".pytest_cache/v/cache/nodeids",
                  ".ruff_cache/0.1/x", "argus/__pycache__/core.cpython-311.pyc",
-                 "tests/test_e2e.py", ".chainlit/translations/en-US.json"):
+                 "tests/test_e2e.py", ".chainlit/translations/de-DE.json"):
         assert _ignored(path, rules), f"{path} would be sent to the Docker build"
 
     context: list[str] = []  # the files `docker build .` would receive from this work tree
@@ -269,6 +269,7 @@ def test_dockerignore_keeps_the_app_and_drops_local_state():
         context += [prefix + f for f in files if not _ignored(prefix + f, rules)]
 
     for needed in ("app.py", "requirements.txt", "chainlit.md", ".chainlit/config.toml",
+                   ".chainlit/translations/en-US.json", ".chainlit/translations/fa-IR.json", "chainlit_fa-IR.md",
                    "argus/__init__.py", "argus/store/sqlite.py", "worker/engine/model.py"):
         assert needed in context, f"{needed} is missing from the build context"
     for package in ("argus", "worker", "public"):
