@@ -28,6 +28,7 @@ from argus.files_route import install_file_route  # noqa: E402
 from argus.keys.redact import install as redact_keys  # noqa: E402
 from argus.limits import install_body_limits  # noqa: E402
 from argus.origins import restrict_origins  # noqa: E402
+from argus.page import install_local_page  # noqa: E402
 from argus.signup import install_signup_routes  # noqa: E402
 from argus.store import StoreUnavailable, check_store  # noqa: E402
 
@@ -42,6 +43,7 @@ def _start() -> tuple[Settings, JarvisArgus]:
     ensure_auth_secret(settings)  # sets CHAINLIT_AUTH_SECRET before Chainlit checks it
     with contextlib.suppress(OSError):  # Chainlit made it before this module ran, with the old umask
         FILES_DIRECTORY.chmod(0o700)
+    install_local_page()  # no CDN links in the page; ARGUS_UI_LANGUAGE
     restrict_origins()  # CORS and socket.io: CHAINLIT_URL's origin, or this host/port only
     install_body_limits(settings.max_upload_bytes)  # 413 before Chainlit reads an oversized body
     argus = JarvisArgus(settings)

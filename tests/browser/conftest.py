@@ -35,15 +35,9 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
-#: Outside requests the page still makes today, and why. Tolerated by the journeys; each is
-#: asserted absent by a strict xfail test (test_the_page_asks_nothing_outside_this_server), so
-#: the entry must be removed once the cause is fixed.
-KNOWN_OUTSIDE = {
-    # Chainlit 2.12's frontend/dist/index.html links KaTeX's CSS from the CDN unconditionally
-    # (outside any placeholder config can replace); removing it needs app.py to rewrite the
-    # served page (see tests/browser/test_persian_ui.py).
-    "https://cdn.jsdelivr.net/npm/katex@0.16.22/dist/katex.min.css",
-}
+#: Outside requests the page may still make, each with its reason (none today). Tolerated by the
+#: journeys; test_the_page_asks_nothing_outside_this_server fails on any outside request at all.
+KNOWN_OUTSIDE: set[str] = set()  # argus/page.py strips Chainlit's CDN links from the page
 
 
 def _is_loopback(url: str) -> bool:

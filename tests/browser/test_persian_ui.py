@@ -215,12 +215,9 @@ def test_code_stays_left_to_right_in_the_persian_ui(live, open_page):
     assert page.evaluate("getComputedStyle(document.querySelector('#probe code')).direction") == "ltr"
 
 
-@pytest.mark.xfail(strict=True, reason="Chainlit's index.html links KaTeX CSS from cdn.jsdelivr.net; "
-                   "app.py must serve a page without it (listed in KNOWN_OUTSIDE)")
 def test_the_page_asks_nothing_outside_this_server(live, open_page, outside):
     page = open_page("fa-IR")
     page.goto(live.base + "/login")
     page.wait_for_selector("form input[type=password]")
     page.wait_for_load_state("networkidle")
-    known = [u for u in outside.urls if u in KNOWN_OUTSIDE]
-    assert not known, f"still asked: {known}"
+    assert not outside.urls, f"the page asked outside this server: {outside.urls}"
