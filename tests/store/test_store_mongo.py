@@ -139,7 +139,7 @@ class TestMongoStore(StoreContract):
         f = store.set_feedback(m.id, u.id, 1, "ok")
         assert store.users.find_one({"_id": u.id}) == {
             "_id": u.id, "email": "a@example.com", "name": "A", "role": "admin", "password_hash": HASH,
-            "created_at": u.created_at}
+            "created_at": u.created_at, "token_version": 0}
         conv = store.conversations.find_one({"_id": c.id})
         assert set(conv) == {"_id", "owner_id", "title", "model", "created_at", "updated_at", "metadata", "last_message_at"}
         assert not any(isinstance(v, list) for v in conv.values())  # messages are never embedded
