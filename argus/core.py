@@ -65,7 +65,7 @@ import chainlit as cl
 from chainlit.context import ChainlitContextException
 
 from argus.auth import Authenticator, LoginThrottled
-from argus.auth import _humanize as humanize_wait
+from worker.protocol.units import format_wait as humanize_wait
 from argus.cluster_state import NetworkChoice
 from argus.commands import (
     CommandContext,
