@@ -33,8 +33,11 @@ Here:
 
 Versions are cached per email for :data:`VERSION_CACHE_TTL_S` (a bump in this process
 drops the entry at once; a bump by another process, e.g. a second server on the same
-MongoDB, takes effect within that time). When the store cannot be read the token is
-refused (fail closed): the sign-in and chat are unavailable then anyway.
+MongoDB, takes effect within that time). While the store cannot be read (a database
+outage), the last version this process saw for the user decides, and a user it has not
+seen yet keeps a token whose claims are well-formed and within the lifetime: signed-in
+users are told "nothing was saved" rather than signed out by an outage (one WARNING line
+per outage). Tokens without claims are refused even then.
 """
 from __future__ import annotations
 
@@ -134,6 +137,7 @@ class SessionBook:
         self.get_store, self.lifetime_s, self.clock, self.wall = get_store, lifetime_s, clock, wall
         self._cache: dict[str, tuple[float, Optional[User]]] = {}
         self._lock = threading.Lock()
+        self._outage = False  # a WARNING was logged for the current store outage
 
     async def user(self, email: str) -> Optional[User]:
         """The stored user with this email (cached for :data:`VERSION_CACHE_TTL_S`), or None.
@@ -171,8 +175,17 @@ class SessionBook:
         try:
             user = await self.user(identifier)
         except StoreError as exc:
-            log.warning("cannot check a session token: %s", exc)
-            return None
+            if not self._outage:
+                self._outage = True
+                log.warning("session tokens are checked against the last known versions until the store is back: %s", exc)
+            with self._lock:
+                hit = self._cache.get(identifier.strip().lower())
+            if hit is not None:
+                user = hit[1]
+            else:  # never seen: the claims are all there is
+                return User(claims["uid"], identifier.strip().lower(), "", "user", "", 0.0, claims["v"])
+        else:
+            self._outage = False
         if user is None or user.id != claims["uid"] or user.token_version != claims["v"]:
             return None
         return user

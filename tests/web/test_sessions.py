@@ -95,7 +95,7 @@ def test_tokens_that_are_not_current(book, store, alice):
     assert asyncio.run(book.current_user({"identifier": "nobody@example.com", "metadata": payload(alice)["metadata"]})) is None
 
 
-def test_versions_are_cached_briefly_and_a_store_outage_refuses(store, alice):
+def test_versions_are_cached_briefly(store, alice):
     clock = Clock(100.0)
     book = SessionBook(lambda: store, 24 * 3600, clock=clock, wall=Clock(NOW))
     p = payload(alice)
@@ -104,9 +104,26 @@ def test_versions_are_cached_briefly_and_a_store_outage_refuses(store, alice):
     assert asyncio.run(book.current_user(p)) == alice
     clock.now += VERSION_CACHE_TTL_S + 0.1
     assert asyncio.run(book.current_user(p)) is None
-    store.close()
+
+
+def test_during_a_store_outage_the_last_known_version_decides(store, alice, caplog):
+    clock = Clock(100.0)
+    book = SessionBook(lambda: store, 24 * 3600, clock=clock, wall=Clock(NOW))
+    bob = store.create_user("bob@example.com", "Bob", HASH)
+    assert asyncio.run(book.current_user(payload(alice))) == alice
+    store.bump_token_version(alice.id)
     clock.now += VERSION_CACHE_TTL_S + 0.1
-    assert asyncio.run(book.current_user(p)) is None  # fail closed
+    assert asyncio.run(book.current_user(payload(alice))) is None  # seen: version 1 now
+    ended = payload(alice)  # a token of version 0
+    current = payload(store.get_user(alice.id))
+    store.close()  # the database goes away
+    clock.now += VERSION_CACHE_TTL_S + 0.1
+    assert asyncio.run(book.current_user(ended)) is None  # still ended
+    assert asyncio.run(book.current_user(current)).id == alice.id  # still signed in
+    assert asyncio.run(book.current_user(payload(bob))).id == bob.id  # never seen: well-formed claims pass
+    assert asyncio.run(book.current_user({"identifier": bob.email, "metadata": {}})) is None  # no claims: never
+    assert asyncio.run(book.current_user(payload(bob, at=NOW - 25 * 3600))) is None  # nor too old
+    assert sum("last known versions" in r.message for r in caplog.records) == 1  # one line per outage
 
 
 def test_end_bumps_and_forgets(book, store, alice):
@@ -151,3 +168,22 @@ def test_guard_passes_requests_without_a_token_untouched(book):
     assert seen[-1]["headers"] == []  # an invalid token is removed too (Chainlit would refuse it anyway)
     asyncio.run(guard({"type": "lifespan"}, None, None))
     assert seen[-1] == {"type": "lifespan"}
+
+
+# ---- installation ----
+def test_guard_is_outermost_and_the_caller_middleware_sits_inside_it(monkeypatch, store):
+    from chainlit.config import config
+    from fastapi import FastAPI
+
+    from argus.datalayer import CallerMiddleware, install_caller_middleware
+    from argus.sessions import install_session_guard
+
+    monkeypatch.setattr(config.project, "user_session_timeout", config.project.user_session_timeout)
+    monkeypatch.setenv("ARGUS_SESSION_HOURS", "2")
+    app = FastAPI()
+    install_caller_middleware(app)  # either order gives the same stack
+    install_session_guard(lambda: store, app)
+    install_session_guard(lambda: store, app)  # idempotent
+    install_caller_middleware(app)
+    assert [m.cls for m in app.user_middleware] == [SessionGuard, CallerMiddleware]
+    assert config.project.user_session_timeout == 2 * 3600  # token expiry and cookie max-age
