@@ -20,8 +20,8 @@ Routes (under Chainlit's root path):
   while the client address is throttled; otherwise waits the email's
   progressive delay (:meth:`argus.auth.Authenticator.login_delay`, 0 to 4 s after
   repeated failures for that email, from any address: ``asyncio.sleep``, the
-  event loop keeps serving) and hands the request to Chainlit's own ``/login``. During that call :func:`current_client_ip`
-  returns the caller's address, for the ``@cl.password_auth_callback``; when
+  event loop keeps serving) and hands the request to Chainlit's own ``/login``.
+  During that call :func:`current_client_ip` returns the caller's address, for the ``@cl.password_auth_callback``; when
   the callback reports the store unavailable (:func:`report_store_unavailable`)
   the answer is 503 ``{"detail": STORAGE_UNAVAILABLE}`` instead of Chainlit's
   401, so a database outage never looks like a wrong password.
