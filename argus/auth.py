@@ -1,4 +1,4 @@
-"""Accounts: password hashing, the sign-in secret, login throttling and sign-up.
+"""Accounts: password hashing, the sign-in secret, login throttling, sign-up and password change.
 
 Passwords are hashed with bcrypt. bcrypt only looks at the first 72 bytes of
 a password, so longer passwords are refused instead of silently truncated.
@@ -22,7 +22,7 @@ import bcrypt
 
 from argus.config import Settings
 from argus.ratelimit import SlidingWindowLimiter
-from argus.store import Store, StoreUnavailable, User, UserExists
+from argus.store import NotFound, Store, StoreUnavailable, User, UserExists
 from worker.protocol.units import format_wait
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ SECRET_FILE = "auth_secret"
 MIN_SECRET_CHARS = 32
 _SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+#: Progressive sign-in delay per email: recent failures for an email before any delay, the
+#: first delay (seconds) and its ceiling; each further failure doubles it.
+LOGIN_DELAY_AFTER_FAILURES = 3
+LOGIN_DELAY_BASE_S = 0.25
+LOGIN_DELAY_MAX_S = 4.0
 
 
 class AuthError(Exception):
@@ -63,7 +68,7 @@ class SignupThrottled(SignupError):
 
 
 class LoginThrottled(AuthError):
-    """Too many failed sign-ins for this email or client address.
+    """Too many failed sign-ins from this client address.
 
     ``retry_after_s``: seconds until the next attempt is allowed.
     """
@@ -76,6 +81,10 @@ class LoginThrottled(AuthError):
 
 class AuthSecretError(AuthError):
     """The stored sign-in secret cannot be created or read."""
+
+
+class WrongPassword(AuthError):
+    """The current password given to :meth:`Authenticator.change_password` is wrong."""
 
 
 # ---- passwords -------------------------------------------------------------
@@ -215,12 +224,19 @@ def validate_account(email: str, name: str, password: str) -> tuple[str, str]:
 
 
 class Authenticator:
-    """Sign-in and sign-up against a :class:`Store`, with throttling.
+    """Sign-in, sign-up and password change against a :class:`Store`, with throttling.
 
-    Failed sign-ins are limited to ``settings.login_attempts`` per
-    ``settings.login_window_s`` seconds, separately per email and per client
-    address; sign-ups to ``signups_per_window`` per ``signup_window_s`` seconds
-    per client address. Limits live in this process's memory.
+    Failed sign-ins are refused after ``settings.login_attempts`` per
+    ``settings.login_window_s`` seconds *per client address*. Per email they are
+    only slowed down, never refused (anyone can type someone else's email, and
+    behind a proxy every client may share one address): :meth:`login_delay`
+    grows from :data:`LOGIN_DELAY_BASE_S` after :data:`LOGIN_DELAY_AFTER_FAILURES`
+    failures in the window, doubling with each further failure up to
+    :data:`LOGIN_DELAY_MAX_S`, and the caller waits that long (``asyncio.sleep``)
+    before the password is checked, so the right password still works from any
+    address that is not itself throttled. Sign-ups are limited to
+    ``signups_per_window`` per ``signup_window_s`` seconds per client address.
+    Limits live in this process's memory.
 
     Args:
         store: where users live.
@@ -231,6 +247,9 @@ class Authenticator:
 
     All methods block (bcrypt, disk); they may raise StoreUnavailable.
     """
+
+    #: Failures remembered per email (the delay is at its ceiling long before this).
+    _FAILURES_KEPT = 64
 
     def __init__(
         self,
@@ -244,7 +263,7 @@ class Authenticator:
     ):
         self.store = store
         self.bcrypt_rounds = bcrypt_rounds
-        self._by_email = SlidingWindowLimiter(settings.login_attempts, settings.login_window_s, clock)
+        self._failures = SlidingWindowLimiter(self._FAILURES_KEPT, settings.login_window_s, clock)  # per email
         self._by_ip = SlidingWindowLimiter(settings.login_attempts, settings.login_window_s, clock)
         self._signups = SlidingWindowLimiter(signups_per_window, signup_window_s, clock)
         # Unknown emails are checked against this so they cost the same time as real ones.
@@ -255,50 +274,83 @@ class Authenticator:
         return normalize_email(email)[:MAX_EMAIL_CHARS], client_ip or "unknown"
 
     def check_login_allowed(self, email: str, client_ip: Optional[str]) -> None:
-        """Raise LoginThrottled if a sign-in for ``email`` from ``client_ip`` is blocked now."""
-        ekey, ikey = self._keys(email, client_ip)
-        wait = max(self._by_email.retry_after(ekey), self._by_ip.retry_after(ikey))
+        """Raise LoginThrottled if sign-ins from ``client_ip`` are blocked now (``email``
+        never blocks: see :meth:`login_delay`)."""
+        wait = self._by_ip.retry_after(self._keys(email, client_ip)[1])
         if wait > 0:
             raise LoginThrottled(wait)
+
+    def login_delay(self, email: str) -> float:
+        """Seconds to wait before checking a password for ``email``: 0 below
+        :data:`LOGIN_DELAY_AFTER_FAILURES` recent failures, then
+        ``LOGIN_DELAY_BASE_S * 2**(failures - LOGIN_DELAY_AFTER_FAILURES)``, at most
+        :data:`LOGIN_DELAY_MAX_S`. Unknown emails count the same (no account probing).
+        Never blocks; the caller sleeps (``await asyncio.sleep(delay)``)."""
+        extra = self._failures.count(self._keys(email, None)[0]) - LOGIN_DELAY_AFTER_FAILURES
+        if extra < 0:
+            return 0.0
+        return min(LOGIN_DELAY_MAX_S, LOGIN_DELAY_BASE_S * 2.0 ** min(extra, 32))
 
     def login(self, email: str, password: str, client_ip: Optional[str]) -> Optional[User]:
         """The user when email and password match, else None (unknown email and
         wrong password are indistinguishable, in result and in timing).
 
-        Every attempt first *reserves* a slot against both the email and
-        ``client_ip`` (so parallel attempts cannot all reach bcrypt before the
-        first failure is counted); a success gives the address's slot back and
-        clears the email's count.
+        Every attempt first *reserves* a slot against ``client_ip`` (so parallel
+        attempts from one address cannot all reach bcrypt before the first failure
+        is counted); a success gives the slot back and forgets the email's failures,
+        a failure is also counted against the email (:meth:`login_delay`). This
+        method does not wait the delay itself: the async caller does, first.
 
         Raises:
-            LoginThrottled: too many recent failures for this email or address
-                (raised before any password check).
-            StoreUnavailable: the store failed (the reserved slots are given back).
+            LoginThrottled: too many recent failures from this address (raised
+                before any password check).
+            StoreUnavailable: the store failed (the reserved slot is given back).
         """
         ekey, ikey = self._keys(email, client_ip)
-        self._reserve(ekey, ikey)
+        if not self._by_ip.hit(ikey):
+            raise LoginThrottled(self._by_ip.retry_after(ikey))
         try:
             email = normalize_email(email)
             user = self.store.get_user_by_email(email) if len(email) <= MAX_EMAIL_CHARS else None
             ok = verify_password(password, user.password_hash if user else self._dummy_hash)
         except BaseException:
-            self._by_email.undo(ekey)
             self._by_ip.undo(ikey)
             raise
         if user is not None and ok:
-            self._by_email.reset(ekey)
+            self._failures.reset(ekey)
             self._by_ip.undo(ikey)
             return user
+        self._failures.hit(ekey)
         return None
 
-    def _reserve(self, ekey: str, ikey: str) -> None:
-        """Record one attempt for both keys, or none and raise LoginThrottled."""
-        if self._by_email.hit(ekey):
-            if self._by_ip.hit(ikey):
-                return
-            self._by_email.undo(ekey)
-        wait = max(self._by_email.retry_after(ekey), self._by_ip.retry_after(ikey))
-        raise LoginThrottled(wait)
+    def change_password(
+        self, email: str, current_password: str, new_password: str, client_ip: Optional[str]
+    ) -> User:
+        """Replace a user's password; every session of theirs ends (the store bumps the
+        token version with the hash). The current password is checked like a sign-in
+        (same throttling and failure counting, :meth:`login_delay` applies).
+
+        Raises:
+            WrongPassword: ``current_password`` does not match (or no such user).
+            PasswordPolicyError: ``new_password`` is too short or too long.
+            LoginThrottled: too many failures from ``client_ip``.
+            StoreUnavailable: the store failed.
+        """
+        check_password_policy(new_password)
+        user = self.login(email, current_password, client_ip)
+        if user is None:
+            raise WrongPassword("The current password is wrong.")
+        try:
+            return self.store.set_password_hash(user.id, hash_password(new_password, self.bcrypt_rounds))
+        except NotFound:  # deleted a moment ago
+            raise WrongPassword("The current password is wrong.") from None
+
+    def end_sessions(self, user_id: str) -> int:
+        """Sign the user out everywhere: bump their token version (``Store.bump_token_version``)
+        so every session token issued so far is refused; the new version.
+
+        Raises NotFound (no such user), StoreUnavailable."""
+        return self.store.bump_token_version(user_id)
 
     def create_user(self, email: str, name: str, password: str, role: Optional[str] = None) -> User:
         """Validate, hash and store a user, without throttling (admin CLI).

@@ -186,13 +186,16 @@ class CallerMiddleware:
 
 
 def install_caller_middleware(app=None) -> None:
-    """Put :class:`CallerMiddleware` in front of Chainlit's app (idempotent; before the server starts)."""
+    """Put :class:`CallerMiddleware` in front of Chainlit's app (idempotent; before the server
+    starts), right inside :class:`argus.sessions.SessionGuard` when that is installed, so
+    it only ever sees tokens the guard let through (ended sessions are already removed)."""
     from starlette.middleware import Middleware
 
     if app is None:
         from chainlit.server import app
     stack = [m for m in app.user_middleware if not getattr(m.cls, "_argus_caller", False)]
-    stack.insert(0, Middleware(CallerMiddleware))
+    guards = [i for i, m in enumerate(stack) if getattr(m.cls, "_argus_session_guard", False)]
+    stack.insert(guards[-1] + 1 if guards else 0, Middleware(CallerMiddleware))
     app.user_middleware[:] = stack
     app.middleware_stack = None  # built on the first request
 
@@ -434,8 +437,26 @@ class ArgusDataLayer(BaseDataLayer):
 
     async def create_user(self, user: "ChainlitUser") -> Optional[PersistedUser]:
         """Never creates anyone (accounts come from sign-up, with a password hash):
-        the existing user with that email, or None."""
-        return await self.get_user(user.identifier)
+        the existing user with that email, or None.
+
+        Chainlit calls this with the ``cl.User`` it is about to sign into a session token
+        (``chainlit.server._authenticate_user``): the user's session claims (id, token
+        version, sign-in time: :func:`argus.sessions.stamp`) are added to its metadata
+        here, read fresh from the store, so :class:`argus.sessions.SessionGuard` can
+        refuse the token once the version moves on (sign-out, password change)."""
+        from argus.sessions import stamp
+
+        identifier = getattr(user, "identifier", None)
+        if not isinstance(identifier, str) or not identifier:
+            return None
+        key = identifier.strip().lower()
+        stored = await self._call(self.store.get_user_by_email, key)
+        self._users.put(key, stored)
+        if stored is None:
+            return None
+        if isinstance(getattr(user, "metadata", None), dict):
+            stamp(user.metadata, stored)
+        return self._persisted(stored)
 
     # ---- threads -------------------------------------------------------------------
     def _thread_dict(self, conv: Conversation, caller: Caller, *, created: Optional[float] = None) -> dict:

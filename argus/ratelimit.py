@@ -1,7 +1,8 @@
 """Sliding-window rate limiting (in memory, per process).
 
-Used for failed-login throttling (per email and per client address) and for
-the per-user message rate. A window of ``limit`` events per ``window_s``
+Used for failed-login throttling (refusal per client address; per email only
+*counted*, for the progressive delay of :class:`argus.auth.Authenticator`), for
+sign-ups per address and for the per-user message rate. A window of ``limit`` events per ``window_s``
 seconds: :meth:`SlidingWindowLimiter.hit` records an event and says whether
 it was allowed; :meth:`retry_after` tells the caller how long to wait.
 Callers that must not let parallel requests slip past the limit *reserve*
@@ -71,6 +72,11 @@ class SlidingWindowLimiter:
         """Number of keys currently tracked."""
         with self._lock:
             return len(self._events)
+
+    def count(self, key: str) -> int:
+        """Events recorded for ``key`` in the current window (at most ``limit``)."""
+        with self._lock:
+            return len(self._trim(key, self._clock()))
 
     def retry_after(self, key: str) -> float:
         """Seconds until ``key`` may act again (0.0 when it may now)."""

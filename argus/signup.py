@@ -17,12 +17,19 @@ Routes (under Chainlit's root path):
   or 503 (the store is unavailable: :data:`STORAGE_UNAVAILABLE`).
 - ``POST /login`` (unless ``guard_login=False``): answers 429 with
   ``{"detail": "Too many failed sign-in attempts. Try again in 4 minutes."}``
-  while the email or client address is throttled, otherwise hands the request
-  to Chainlit's own ``/login``. During that call :func:`current_client_ip`
-  returns the caller's address, for the ``@cl.password_auth_callback``; when
+  while the client address is throttled; otherwise waits the email's
+  progressive delay (:meth:`argus.auth.Authenticator.login_delay`, 0 to 4 s after
+  repeated failures for that email, from any address: ``asyncio.sleep``, the
+  event loop keeps serving) and hands the request to Chainlit's own ``/login``.
+  During that call :func:`current_client_ip` returns the caller's address, for the ``@cl.password_auth_callback``; when
   the callback reports the store unavailable (:func:`report_store_unavailable`)
   the answer is 503 ``{"detail": STORAGE_UNAVAILABLE}`` instead of Chainlit's
   401, so a database outage never looks like a wrong password.
+
+:func:`install_signup_routes` also installs :class:`argus.sessions.SessionGuard`
+(unless ``guard_sessions=False``): session tokens are checked against the user's
+token version on every request, ``POST /logout`` ends them, and their lifetime is
+``ARGUS_SESSION_HOURS`` (default 24 h).
 """
 import asyncio
 import contextvars
@@ -40,6 +47,7 @@ from starlette.exceptions import HTTPException
 
 from argus.auth import Authenticator, LoginThrottled, SignupError, SignupThrottled
 from argus.origins import current_policy
+from argus.sessions import install_session_guard
 from argus.store import StoreUnavailable
 
 MAX_BODY_BYTES = 16 * 1024
@@ -117,7 +125,7 @@ def _fail(status: int, error: str, retry_after_s: Optional[float] = None) -> JSO
 
 
 def install_signup_routes(
-    get_authenticator: Callable[[], Authenticator], *, guard_login: bool = True, app=None
+    get_authenticator: Callable[[], Authenticator], *, guard_login: bool = True, guard_sessions: bool = True, app=None
 ) -> None:
     """Register ``GET/POST /signup`` (and the ``POST /login`` throttle) ahead of
     Chainlit's catch-all route. Call once from the Chainlit app module.
@@ -126,8 +134,13 @@ def install_signup_routes(
         get_authenticator: returns the shared Authenticator; called on each
             request (so it may be created lazily).
         guard_login: also answer throttled sign-ins with 429 and a readable
-            message, and provide :func:`current_client_ip` to the auth callback.
+            message, delay repeated failures per email, and provide
+            :func:`current_client_ip` to the auth callback.
+        guard_sessions: also install :func:`argus.sessions.install_session_guard`
+            (token versions, sign-out, ``ARGUS_SESSION_HOURS``).
         app: the FastAPI app; default ``chainlit.server.app``.
+    Raises:
+        ConfigError: a bad ``ARGUS_SESSION_HOURS``.
     """
     from chainlit.config import config
 
@@ -184,14 +197,18 @@ def install_signup_routes(
             request: Request, response: Response, form_data: OAuth2PasswordRequestForm = Depends()
         ) -> Response:
             ip = _client_host(request)
+            auth = get_authenticator()
             try:
-                get_authenticator().check_login_allowed(form_data.username, ip)
+                auth.check_login_allowed(form_data.username, ip)
             except LoginThrottled as exc:
                 return JSONResponse(
                     {"detail": exc.message},
                     status_code=429,
                     headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
                 )
+            delay = auth.login_delay(form_data.username)
+            if delay > 0:  # repeated failures for this email: slow down, never refuse
+                await asyncio.sleep(delay)
             store_down: list = []
             token, down_token = _client_ip.set(ip), _login_store_down.set(store_down)
             try:
@@ -212,6 +229,8 @@ def install_signup_routes(
     routes = app.router.routes
     routes[:] = [r for r in routes if not str(getattr(r, "name", "")).startswith(_ROUTE_PREFIX)]
     routes[0:0] = router.routes
+    if guard_sessions:
+        install_session_guard(lambda: get_authenticator().store, app=app)
 
 
 _PAGE = """<!doctype html>

@@ -102,6 +102,9 @@ class User:
     role: str  # "admin" | "user"
     password_hash: str  # bcrypt hash (ASCII), never the password
     created_at: float
+    #: Sign-in sessions carry the version they were issued under; raising it
+    #: (:meth:`Store.bump_token_version`: sign-out, password change) ends every older one.
+    token_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,18 @@ class Store(ABC):
 
     @abstractmethod
     def count_users(self) -> int: ...
+
+    @abstractmethod
+    def bump_token_version(self, user_id: str) -> int:
+        """Raise the user's :attr:`User.token_version` by one (atomically: two racing bumps
+        give two distinct versions) and return the new value, so that every session token
+        issued before is refused. Raises NotFound for an unknown user."""
+
+    @abstractmethod
+    def set_password_hash(self, user_id: str, password_hash: str) -> User:
+        """Replace the user's bcrypt hash and, in the same write, bump their token version
+        (a password change signs out every session). Returns the updated user. Raises
+        NotFound for an unknown user."""
 
     @abstractmethod
     def list_users(self) -> list[User]:

@@ -2,7 +2,8 @@
 
 Collections (one document per record, ``_id`` = the record's id; see docs/STORAGE.md)::
 
-    users          {_id, email, name, role, password_hash, created_at}
+    users          {_id, email, name, role, password_hash, created_at, token_version}
+                   (token_version: absent in documents written before it existed, read as 0)
     conversations  {_id, owner_id, title, model, created_at, updated_at, metadata, last_message_at}
     messages       {_id, conversation_id, owner_id, role, content, status, model, created_at, attachment_ids}
     files          {_id, owner_id, name, mime, size, sha256, created_at}   one per attachment
@@ -56,6 +57,7 @@ same attempt share its failure instead of queueing for their own).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -185,7 +187,9 @@ def _contains(text: str) -> dict:
 
 
 def _user(d: Mapping) -> User:
-    return User(d["_id"], d["email"], d["name"], d["role"], d["password_hash"], d["created_at"])
+    return User(
+        d["_id"], d["email"], d["name"], d["role"], d["password_hash"], d["created_at"], int(d.get("token_version", 0))
+    )
 
 
 def _conv(d: Mapping) -> Conversation:
@@ -227,7 +231,7 @@ KEY_CAS_ATTEMPTS = 50
 
 def _user_doc(u: User) -> dict:
     return {"_id": u.id, "email": u.email, "name": u.name, "role": u.role, "password_hash": u.password_hash,
-            "created_at": u.created_at}
+            "created_at": u.created_at, "token_version": u.token_version}
 
 
 def _conv_doc(c: Conversation) -> dict:
@@ -517,7 +521,7 @@ class MongoStore(Store):
             )["n"]
             if role is None and count == 1:
                 self.users.update_one({"_id": user.id}, {"$set": {"role": "admin"}})
-                user = User(user.id, user.email, user.name, "admin", user.password_hash, user.created_at)
+                user = dataclasses.replace(user, role="admin")
         return user
 
     def get_user_by_email(self, email: str) -> Optional[User]:
@@ -530,6 +534,30 @@ class MongoStore(Store):
         with self._errors():
             doc = self.users.find_one({"_id": user_id})
         return _user(doc) if doc else None
+
+    def bump_token_version(self, user_id: str) -> int:
+        """``$inc`` the user's token version (atomic on the server); the new value.
+        Raises NotFound, StoreUnavailable."""
+        with self._errors():
+            doc = self.users.find_one_and_update(
+                {"_id": user_id}, {"$inc": {"token_version": 1}},
+                projection={"token_version": 1}, return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            raise NotFound("No such user.")
+        return int(doc["token_version"])
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> User:
+        """Store a new bcrypt hash and ``$inc`` the token version in one update.
+        Raises NotFound, StoreUnavailable."""
+        with self._errors():
+            doc = self.users.find_one_and_update(
+                {"_id": user_id}, {"$set": {"password_hash": password_hash}, "$inc": {"token_version": 1}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            raise NotFound("No such user.")
+        return _user(doc)
 
     def count_users(self) -> int:
         with self._errors():

@@ -191,6 +191,10 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX api_usage_day ON api_usage (day, key_id);
     """,
+    # 4: session token version per user (sign-out and password change end older sessions).
+    """
+    ALTER TABLE users ADD COLUMN token_version INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -255,7 +259,7 @@ _SEARCH_DDL: tuple[str, ...] = (
 log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_USER_COLS = "id, email, name, role, password_hash, created_at"
+_USER_COLS = "id, email, name, role, password_hash, created_at, token_version"
 _CONV_COLS = "id, owner_id, title, model, created_at, updated_at, metadata"
 _MSG_COLS = "id, conversation_id, owner_id, role, content, status, model, created_at, attachment_ids"
 _ATT_COLS = "id, owner_id, name, mime, size, sha256, created_at"
@@ -795,7 +799,7 @@ class SQLiteStore(Store):
                     any_user = conn.execute("SELECT EXISTS (SELECT 1 FROM users)").fetchone()[0]
                     role = "user" if any_user else "admin"
                 user = User(user_id, email, name, role, password_hash, self._clock())
-                conn.execute(f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?)", tuple(vars(user).values()))
+                conn.execute(f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(vars(user).values()))
         except sqlite3.IntegrityError:
             raise UserExists(f"A user with the email {email} already exists.") from None
         return user
@@ -816,6 +820,30 @@ class SQLiteStore(Store):
     def count_users(self) -> int:
         with self._errors():
             return self._conn().execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+    def bump_token_version(self, user_id: str) -> int:
+        """Add one to the user's token version (one ``UPDATE ... RETURNING``); the new value.
+        Raises NotFound, StoreUnavailable."""
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE users SET token_version = token_version + 1 WHERE id = ? RETURNING token_version", (user_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound("No such user.")
+        return row[0]
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> User:
+        """Store a new bcrypt hash and bump the token version in one ``UPDATE``.
+        Raises NotFound, StoreUnavailable."""
+        with self._write() as conn:
+            row = conn.execute(
+                f"UPDATE users SET password_hash = ?, token_version = token_version + 1 WHERE id = ?"
+                f" RETURNING {_USER_COLS}",
+                (password_hash, user_id),
+            ).fetchone()
+        if row is None:
+            raise NotFound("No such user.")
+        return _user(row)
 
     def list_users(self) -> list[User]:
         """All users, oldest first (for the admin CLI; not part of the Store ABC yet)."""

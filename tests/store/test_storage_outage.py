@@ -100,7 +100,8 @@ def _session_token(email: str, user_id: str) -> str:
     claims = {
         "identifier": email,
         "display_name": "Alice",
-        "metadata": {"user_id": user_id, "role": "user", "provider": "credentials"},
+        "metadata": {"user_id": user_id, "role": "user", "provider": "credentials",
+                     "argus_session": {"uid": user_id, "v": 0, "at": now}},  # argus.sessions claims
         "iat": now,
         "exp": now + 3600,
     }

@@ -129,6 +129,13 @@ class TestMongoStore(StoreContract):
         again.ensure_ready()  # creating them again is a no-op
         again.close()
 
+    def test_users_stored_before_token_versions_read_as_version_zero(self, store: MongoStore):
+        u = store.create_user("old@example.com", "Old", HASH)
+        store.users.update_one({"_id": u.id}, {"$unset": {"token_version": ""}})  # a document from before
+        assert store.get_user(u.id).token_version == 0
+        assert store.bump_token_version(u.id) == 1
+        assert store.get_user_by_email("old@example.com").token_version == 1
+
     def test_document_shapes(self, store: MongoStore):
         u = store.create_user("a@example.com", "A", HASH)
         c = store.create_conversation(u.id, "t", "m", metadata={"a.b": 1, "$x": [1, 2]})
@@ -139,7 +146,7 @@ class TestMongoStore(StoreContract):
         f = store.set_feedback(m.id, u.id, 1, "ok")
         assert store.users.find_one({"_id": u.id}) == {
             "_id": u.id, "email": "a@example.com", "name": "A", "role": "admin", "password_hash": HASH,
-            "created_at": u.created_at}
+            "created_at": u.created_at, "token_version": 0}
         conv = store.conversations.find_one({"_id": c.id})
         assert set(conv) == {"_id", "owner_id", "title", "model", "created_at", "updated_at", "metadata", "last_message_at"}
         assert not any(isinstance(v, list) for v in conv.values())  # messages are never embedded

@@ -153,7 +153,8 @@ class TestSQLiteStore(StoreContract):
         conn = _db(tmp_path)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_mod.SCHEMA_VERSION,)]
-        assert sqlite_mod.SCHEMA_VERSION == 3
+        assert sqlite_mod.SCHEMA_VERSION == 4
+        assert "token_version" in [r[1] for r in conn.execute("PRAGMA table_info(users)")]
         idx = {r[0]: r[1] for r in conn.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")}
         assert idx["messages_conversation_created"] == "messages"
         assert idx["api_keys_provider"] == "api_keys" and idx["api_usage_day"] == "api_usage"
@@ -293,10 +294,12 @@ class TestSQLiteStore(StoreContract):
         f = s.set_feedback(mid, uid, 1, "still good")
         assert s.list_feedback(cid, uid) == [f]
         s.update_conversation_metadata(cid, uid, {"chat_profile": "x"})
+        assert s.get_user(uid).token_version == 0  # users from before session versions start at 0
+        assert s.bump_token_version(uid) == 1
         s.close()
 
         conn = sqlite3.connect(data / "argus.db")
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_mod.SCHEMA_VERSION,)]
         conn.close()
         _check_search(data)
         again = SQLiteStore(data)  # a second open migrates nothing and indexes nothing twice

@@ -128,6 +128,44 @@ class StoreContract:
         assert all(isinstance(r, UserExists) for r in results if r is not created[0]), results
         assert store.count_users() == other.count_users() == 1
 
+    # ---- session token versions ----
+    def test_new_users_start_at_token_version_zero(self, store: Store, alice):
+        assert alice.token_version == 0
+        assert store.get_user(alice.id).token_version == 0
+        assert store.get_user_by_email("alice@example.com").token_version == 0
+
+    def test_bump_token_version_counts_up_and_is_per_user(self, store: Store, alice, bob):
+        assert store.bump_token_version(alice.id) == 1
+        assert store.bump_token_version(alice.id) == 2
+        assert store.get_user(alice.id).token_version == 2
+        assert store.get_user_by_email("alice@example.com").token_version == 2
+        assert store.get_user(bob.id).token_version == 0
+        assert {u.email: u.token_version for u in store.list_users()} == {"alice@example.com": 2, "bob@example.com": 0}
+
+    def test_racing_bumps_across_instances_are_never_lost(self, store: Store, make_store, alice):
+        """Two sign-outs at once (two workers) must both count: each gets its own new version."""
+        other = make_store()
+        results = race(8, lambda i: (store if i % 2 else other).bump_token_version(alice.id))
+        assert sorted(results) == list(range(1, 9)), results
+        assert other.get_user(alice.id).token_version == 8
+
+    def test_set_password_hash_replaces_the_hash_and_bumps_the_version(self, store: Store, alice):
+        new_hash = "$2b$04$" + "y" * 53
+        updated = store.set_password_hash(alice.id, new_hash)
+        assert updated.password_hash == new_hash and updated.token_version == 1
+        assert (updated.id, updated.email, updated.name, updated.role, updated.created_at) == (
+            alice.id, alice.email, alice.name, alice.role, alice.created_at
+        )
+        assert store.get_user(alice.id) == updated
+        assert store.get_user_by_email("alice@example.com").password_hash == new_hash
+
+    def test_token_version_of_unknown_user_is_not_found(self, store: Store, alice):
+        with pytest.raises(NotFound):
+            store.bump_token_version("nope")
+        with pytest.raises(NotFound):
+            store.set_password_hash("nope", HASH)
+        assert store.get_user(alice.id).token_version == 0
+
     # ---- conversations ----
     def test_conversations_newest_first_and_paging_is_complete(self, store: Store, alice, bob):
         made = [store.create_conversation(alice.id, f"c{i}", "m") for i in range(45)]

@@ -13,6 +13,8 @@ import pytest
 from argus.auth import (
     Authenticator,
     AuthSecretError,
+    LOGIN_DELAY_AFTER_FAILURES,
+    LOGIN_DELAY_MAX_S,
     LoginThrottled,
     PasswordPolicyError,
     SignupError,
@@ -115,18 +117,29 @@ def test_unknown_email_is_checked_against_a_dummy_hash(auth, monkeypatch):
     assert seen and seen[0].startswith("$2b$04$")  # same cost as real hashes: same time
 
 
-def test_throttle_per_email(auth, alice, clock):
-    for i in range(3):  # different addresses: only the email limit applies
+def test_failures_for_an_email_slow_it_down_but_never_lock_it(auth, alice, clock):
+    """Anyone can type alice's email: many failures from many addresses delay her sign-in
+    (progressive, capped) but the right password from another address still works."""
+    delays = []
+    for i in range(12):  # different addresses: no address is throttled
+        delays.append(auth.login_delay("ALICE@example.com "))
         assert auth.login("alice@example.com", "wrong password", f"10.0.0.{i}") is None
-    with pytest.raises(LoginThrottled) as info:
-        auth.login("alice@example.com", PASSWORD, "10.0.0.99")  # even the right password
-    assert str(info.value) == "Too many failed sign-in attempts. Try again in 5 minutes."
-    assert info.value.retry_after_s == pytest.approx(300)
-    clock.now += 60
-    with pytest.raises(LoginThrottled, match="Try again in 4 minutes"):
-        auth.login("alice@example.com", PASSWORD, "10.0.0.99")
-    clock.now += 240.5
-    assert auth.login("alice@example.com", PASSWORD, "10.0.0.99") == alice
+    assert delays[:LOGIN_DELAY_AFTER_FAILURES] == [0.0] * LOGIN_DELAY_AFTER_FAILURES
+    assert delays[LOGIN_DELAY_AFTER_FAILURES:LOGIN_DELAY_AFTER_FAILURES + 3] == [0.25, 0.5, 1.0]
+    assert delays == sorted(delays) and max(delays) == LOGIN_DELAY_MAX_S == 4.0
+    assert auth.login_delay("alice@example.com") == LOGIN_DELAY_MAX_S
+    auth.check_login_allowed("alice@example.com", "10.0.0.99")  # not refused
+    assert auth.login("alice@example.com", PASSWORD, "10.0.0.99") == alice  # the right password works
+    assert auth.login_delay("alice@example.com") == 0.0  # and a success forgets the failures
+
+
+def test_email_delay_counts_unknown_emails_alike_and_expires(auth, alice, clock):
+    for i in range(5):
+        auth.login("nobody@example.com", "wrong password", f"10.9.0.{i}")
+        auth.login("alice@example.com", "wrong password", f"10.8.0.{i}")
+    assert auth.login_delay("nobody@example.com") == auth.login_delay("alice@example.com") > 0  # no account probing
+    clock.now += 301  # settings.login_window_s
+    assert auth.login_delay("alice@example.com") == 0.0
 
 
 def test_throttle_per_address(auth, alice, clock):
@@ -163,8 +176,8 @@ def test_parallel_wrong_passwords_cannot_outrun_the_throttle(store, settings, mo
 
     def attempt(i):
         start.wait()
-        try:
-            return auth.login("alice@example.com", "wrong password", f"10.1.0.{i}")
+        try:  # one address, several emails: the address limit holds
+            return auth.login(f"user{i % 4}@example.com", "wrong password", "10.1.0.1")
         except LoginThrottled as exc:
             return exc
 
@@ -193,6 +206,7 @@ def test_store_failure_gives_the_reserved_slots_back(store, settings, clock):
         with pytest.raises(StoreUnavailable):
             auth.login("alice@example.com", PASSWORD, "4.4.4.4")
     auth.check_login_allowed("alice@example.com", "4.4.4.4")  # not throttled
+    assert auth.login_delay("alice@example.com") == 0.0  # an outage is no failed password
 
 
 def test_success_resets_email_counter(auth, alice):
@@ -355,3 +369,34 @@ def test_signup_during_a_storage_outage_does_not_use_up_the_address_quota(tmp_pa
             auth.signup("a@example.com", "Ann", "long enough password", "10.0.0.9")
     store.down = False
     assert auth.signup("a@example.com", "Ann", "long enough password", "10.0.0.9").email == "a@example.com"
+
+
+# ---- password change and sign-out ----
+def test_change_password_checks_the_current_one_and_ends_sessions(auth, alice, store):
+    from argus.auth import WrongPassword
+
+    with pytest.raises(WrongPassword, match="current password is wrong"):
+        auth.change_password("alice@example.com", "wrong password", "new password 1", "10.0.0.1")
+    with pytest.raises(PasswordPolicyError):
+        auth.change_password("alice@example.com", PASSWORD, "short", "10.0.0.1")
+    assert store.get_user(alice.id).token_version == 0  # nothing changed so far
+    updated = auth.change_password("alice@example.com", PASSWORD, "new password 1", "10.0.0.1")
+    assert updated.token_version == 1 and store.get_user(alice.id) == updated
+    assert auth.login("alice@example.com", PASSWORD, "10.0.0.1") is None
+    assert auth.login("alice@example.com", "new password 1", "10.0.0.1") == updated
+
+
+def test_change_password_guesses_are_throttled_like_sign_ins(auth, alice):
+    from argus.auth import WrongPassword
+
+    for _ in range(3):  # settings.login_attempts
+        with pytest.raises(WrongPassword):
+            auth.change_password("alice@example.com", "guess guess", "new password 1", "6.6.6.7")
+    with pytest.raises(LoginThrottled):
+        auth.change_password("alice@example.com", PASSWORD, "new password 1", "6.6.6.7")
+
+
+def test_end_sessions_bumps_the_version(auth, alice, store):
+    assert auth.end_sessions(alice.id) == 1
+    assert auth.end_sessions(alice.id) == 2
+    assert store.get_user(alice.id).token_version == 2
