@@ -37,9 +37,9 @@ def server_env(data_dir: Path, app_root: Path, **overrides: str) -> dict[str, st
         for k, v in os.environ.items()
         if k != "CI" and not k.startswith(("CHAINLIT_", "ARGUS_", "JWT_", "LITERAL_", "FORWARDED_"))
     }
-    from argus.config import API_KEY_VARS
+    from tests.support.server_env import env_names
 
-    env.update({name: "" for pair in API_KEY_VARS.values() for name in pair})  # no real provider is ever called
+    env.update({name: "" for name in env_names()})  # every ARGUS_* blank (a developer's .env stays out); no API key
     env.update(
         ARGUS_DATA_DIR=str(data_dir),
         ARGUS_MODEL_PATH=MISSING_MODEL,

@@ -13,7 +13,7 @@ import httpx
 from tests.support.paths import REPO
 
 
-def _env_names() -> set[str]:
+def env_names() -> set[str]:
     """Every ARGUS_* variable the server's code reads (found in its sources, so new ones are covered),
     and the provider API-key variables (blank: no test server may call a real provider)."""
     from argus.config import API_KEY_VARS
@@ -36,7 +36,7 @@ def server_env(data_dir: Path, **extra_env: str) -> dict[str, str]:
         if k != "CI"  # Chainlit's CLI reads CI=true as --ci
         and not k.startswith(("ARGUS_", "CHAINLIT_", "JWT_", "LITERAL_", "DATABASE_URL", "FORWARDED_"))
     }
-    env.update({name: "" for name in _env_names()})
+    env.update({name: "" for name in env_names()})
     env.update(
         ARGUS_DATA_DIR=str(data_dir),
         ARGUS_MAX_NEW_TOKENS="24",
