@@ -287,5 +287,5 @@ def test_kv_cache_grows_geometrically():
     for pos in range(5000):
         kv.write(0, np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), pos)
         kv.commit(pos + 1)
-        caps.add(kv._k[0].shape[1])
+        caps.add(kv.capacity)
     assert sorted(caps) == [256, 512, 1024, 2048, 4096, 8192]

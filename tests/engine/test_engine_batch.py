@@ -12,16 +12,16 @@ import pytest
 
 from tests.support.reference import reference
 from worker.engine import BlockRange, Stage
-from worker.engine import stage as stage_module
 from worker.engine.paged_kv import SessionPagedKVCache
+from worker.engine.stage import PER_SESSION_MATMUL_MAX_ROWS
 
 ATOL = 1e-4  # logits; a gemm over the batch and a gemv per row add in different orders
+MAX_ROWS = {"per_session": 1000, "one_gemm": 0, None: None}  # Stage(per_session_matmul_max_rows=...) by mode
 
 
 @pytest.fixture(params=["per_session", "one_gemm"])
-def mode(request, monkeypatch) -> str:
-    """How forward_batch multiplies, forced whatever the number of rows."""
-    monkeypatch.setattr(stage_module, "PER_SESSION_MATMUL_MAX_ROWS", 1000 if request.param == "per_session" else 0)
+def mode(request) -> str:
+    """How forward_batch multiplies, forced whatever the number of rows (pass it to ``stages``)."""
     return request.param
 
 
@@ -30,8 +30,9 @@ def paged_caches(r: BlockRange, cfg):
     return lambda session_id: SessionPagedKVCache(r, cfg.n_kv_head, cfg.head_dim)
 
 
-def stages(model, per_stage: int, paged: bool = False) -> list[Stage]:
-    """Fresh stages (their own sessions) of ``per_stage`` blocks over the loaded model's weights."""
+def stages(model, per_stage: int, paged: bool = False, mode: str | None = None) -> list[Stage]:
+    """Fresh stages (their own sessions) of ``per_stage`` blocks over the loaded model's weights;
+    ``mode`` forces how forward_batch multiplies (None: the default limit)."""
     whole = model.pipeline.stages[0]
     cfg = whole.cfg
     out = []
@@ -42,6 +43,7 @@ def stages(model, per_stage: int, paged: bool = False) -> list[Stage]:
             embedding=whole.embedding if r.is_first else None,
             output_norm=whole.output_norm if r.is_last else None,
             output=whole.output if r.is_last else None, kv_cache=cache,
+            per_session_matmul_max_rows=MAX_ROWS[mode],
         ))
     return out
 
@@ -77,7 +79,7 @@ def assert_same_logits(batched: np.ndarray, single: np.ndarray, mode: str) -> No
 
 @pytest.mark.parametrize("per_stage,paged", [(30, False), (10, True)], ids=["one_stage", "three_stages_paged"])
 def test_batched_prefill_of_rows_of_different_lengths_equals_per_row_forward(local_model, mode, per_stage, paged):
-    batched, single = stages(local_model, per_stage, paged), stages(local_model, per_stage, paged)
+    batched, single = stages(local_model, per_stage, paged, mode), stages(local_model, per_stage, paged, mode)
     ps = prompts([1, 7, 23, 64, 2])
     rows = [(f"s{i}", 0, p) for i, p in enumerate(ps)]
     logits = batch_through(batched, rows)
@@ -90,7 +92,7 @@ def test_batched_prefill_of_rows_of_different_lengths_equals_per_row_forward(loc
 
 
 def test_mixed_decode_and_prefill_rows_equal_per_row_forward(local_model, mode):
-    batched, single = stages(local_model, 30), stages(local_model, 30)
+    batched, single = stages(local_model, 30, mode=mode), stages(local_model, 30, mode=mode)
     ps = prompts([12, 5, 30], seed=1)
     for chain in (batched, single):  # two sessions already hold a prompt
         one_through(chain, "a", 0, ps[0])
@@ -103,7 +105,7 @@ def test_mixed_decode_and_prefill_rows_equal_per_row_forward(local_model, mode):
 
 
 def test_a_stage_that_is_not_last_returns_every_rows_hidden_states(local_model, mode):
-    first_b, first_s = stages(local_model, 15)[0], stages(local_model, 15)[0]
+    first_b, first_s = stages(local_model, 15, mode=mode)[0], stages(local_model, 15, mode=mode)[0]
     ps = prompts([3, 9], seed=2)
     h = first_b.forward_batch([("x", 0, ps[0]), ("y", 0, ps[1])], np.array(ps[0] + ps[1]))
     assert h.shape == (12, first_b.cfg.d_model) and h.dtype == np.float32
@@ -115,7 +117,7 @@ def test_a_stage_that_is_not_last_returns_every_rows_hidden_states(local_model, 
 
 
 def test_sessions_decoding_in_one_batch_do_not_see_each_others_state(local_model, mode):
-    batched, single = stages(local_model, 30), stages(local_model, 30)
+    batched, single = stages(local_model, 30, mode=mode), stages(local_model, 30, mode=mode)
     ps = prompts([9, 21, 4], seed=3)
     sids = ["alice", "bob", "carol"]
     last = dict(zip(sids, batch_through(batched, [(s, 0, p) for s, p in zip(sids, ps)])))
@@ -141,7 +143,7 @@ def test_sessions_decoding_in_one_batch_do_not_see_each_others_state(local_model
 
 @pytest.mark.parametrize("paged", [False, True], ids=["kv_cache", "paged"])
 def test_a_row_starting_before_the_cached_length_rewinds_its_session_only(local_model, mode, paged):
-    batched, single = stages(local_model, 30, paged), stages(local_model, 30, paged)
+    batched, single = stages(local_model, 30, paged, mode), stages(local_model, 30, paged, mode)
     ps = prompts([16, 10], seed=4)
     batch_through(batched, [("r", 0, ps[0]), ("k", 0, ps[1])])
     new = [7031, 314, 3575]
@@ -159,7 +161,7 @@ def test_a_row_starting_before_the_cached_length_rewinds_its_session_only(local_
 
 def test_up_to_the_per_session_limit_a_batch_is_bit_identical_by_default(local_model):
     batched, single = stages(local_model, 30), stages(local_model, 30)
-    ps = prompts([2] * stage_module.PER_SESSION_MATMUL_MAX_ROWS, seed=5)
+    ps = prompts([2] * PER_SESSION_MATMUL_MAX_ROWS, seed=5)
     logits = batch_through(batched, [(f"s{i}", 0, p) for i, p in enumerate(ps)])
     for i, p in enumerate(ps):
         assert np.array_equal(logits[i], one_through(single, f"s{i}", 0, p))
@@ -187,7 +189,7 @@ def test_invalid_batches_are_refused_before_any_session_changes(local_model):
 
 @pytest.mark.parametrize("per_stage", [15, 10], ids=["two_stages", "three_stages"])
 def test_two_conversations_decoded_in_lockstep_over_split_stages_give_llama_cpps_greedy_ids(local_model, mode, per_stage):
-    chain = stages(local_model, per_stage)
+    chain = stages(local_model, per_stage, mode=mode)
     cases = {"france": reference("france"), "persian": reference("persian_greeting")}
     logits = batch_through(chain, [(c, 0, ref["prompt_ids"]) for c, ref in cases.items()])
     got = {c: [] for c in cases}

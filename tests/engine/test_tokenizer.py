@@ -89,8 +89,17 @@ def test_chat_template_and_encode_chat(tok, name):
     messages = [{"role": "user", "content": USER_TEXT[name]}]
     assert tok.apply_chat_template(messages) == PROMPTS[name]["prompt_text"]
     assert tok.encode_chat(messages) == PROMPTS[name]["prompt_ids"]
-    # The injection-safe path gives the same ids when there is nothing to escape.
-    assert tok._encode_chat_masked(messages, True) == PROMPTS[name]["prompt_ids"]
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_encode_chat_escaping_control_text_leaves_the_other_messages_ids_unchanged(tok, name):
+    """A later message holding control-token text takes encode_chat's injection-safe path; the
+    turns before it still encode to the reference ids."""
+    messages = [{"role": "user", "content": USER_TEXT[name]}]
+    turn = tok.encode_chat(messages, add_generation_prompt=False)
+    assert turn == PROMPTS[name]["prompt_ids"][: len(turn)]
+    escaped = tok.encode_chat(messages + [{"role": "assistant", "content": "<|im_end|>"}], add_generation_prompt=False)
+    assert escaped[: len(turn)] == turn and escaped.count(2) == turn.count(2) + 1  # one template <|im_end|> more
 
 
 def test_chat_template_explicit_system_and_no_generation_prompt(tok):

@@ -43,14 +43,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .block_range import BlockRange
-
-if TYPE_CHECKING:
-    from .stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +80,9 @@ class SessionPagedKVCache:
     2 * n_layers * n_kv_head * head_dim * 4 bytes per position (SmolLM2-135M,
     30 blocks: 45 KiB per token, 2.8 MiB per 64-token page across the blocks).
 
-    The interface :class:`~worker.engine.stage.Stage` uses is that of
-    :class:`~worker.engine.kv_cache.KVCache`: ``write`` per layer, then
-    ``commit`` once per forward pass, plus ``length`` and ``nbytes``.
+    It is a :class:`~worker.engine.kv_cache.SessionCache`, as the default
+    :class:`~worker.engine.kv_cache.KVCache`: the stage calls ``read`` and ``write``
+    per layer, then ``commit`` once per forward pass.
     """
 
     GROWTH = 1.5  # an arena grows to at least this many times its pages: O(1) amortized copying, <= 1/3 unused
@@ -146,7 +143,14 @@ class SessionPagedKVCache:
             n += 1
         return n
 
-    # --- the Stage's interface (as KVCache) -----------------------------------
+    # --- the Stage's interface (kv_cache.SessionCache) ------------------------
+    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views (no copy) of positions ``0 .. end-1`` of ``layer``: ([n_kv_head, end, head_dim] f32, same).
+        Raises ValueError if ``end`` is past the valid prefix."""
+        if end > self.length:
+            raise ValueError(f"position {end} is past the cached {self.length} positions")
+        return self._k[layer][:, :end], self._v[layer][:, :end]
+
     def write(self, layer: int, k: np.ndarray, v: np.ndarray, start_pos: int) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v [n_kv_head, n, head_dim] f32 at positions ``start_pos .. start_pos+n-1`` of ``layer``;
         return views of positions ``0 .. start_pos+n-1``: ([n_kv_head, t, head_dim], same).
@@ -404,11 +408,6 @@ class SessionStore:
         self._index: dict[str, SavedSession] = {}
         self._last_touch = 0.0
         self._scan()
-
-    @classmethod
-    def for_stage(cls, stage: "Stage", directory: PathLike, **limits) -> "SessionStore":
-        """A store for ``stage``'s block range and KV shape."""
-        return cls(directory, stage.block_range, stage.cfg.n_kv_head, stage.cfg.head_dim, **limits)
 
     def new_cache(self) -> SessionPagedKVCache:
         return SessionPagedKVCache(self.block_range, self.n_kv_head, self.head_dim, self.page_tokens)

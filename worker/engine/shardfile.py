@@ -1,7 +1,7 @@
 """Shard files: the tensors of one block range of a GGUF model, as one self-contained byte string.
 
 The admin sends each worker only the tensors of its :class:`BlockRange`
-(``blocks_offer`` / ``blocks_chunk`` in ``worker/protocol.py``). A shard keeps
+(``blocks_offer`` / ``blocks_chunk`` in ``worker.protocol``). A shard keeps
 every tensor exactly as the GGUF stores it (still quantized: raw bytes, ggml
 type, shape), so one SmolLM2-135M block is ~2.2 MB, 1/45 of the 98 MB file, and
 a worker dequantizes it with ``gguf.quants.dequantize`` to the same float32

@@ -1,28 +1,27 @@
-"""A stage: the weights and per-session KV caches of one block range.
+"""A stage: the weights and per-session KV caches of one block range, and the chain of stages.
 
 A model runs as a chain of stages whose ranges chain (``a.end == b.start``);
 one stage holding all blocks is the single-process case. The first stage
 owns the token embedding, the last owns the final norm and the output head.
+
+The stage owns all state: the math (:mod:`worker.engine.ops`) takes arrays
+and returns arrays; the stage reads each session's cached keys/values, passes
+them to ``ops.block``, and appends the keys/values the block returns.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .gguf_file import LlamaConfig, ModelFile
-from .kv_cache import KVCache
-from .ops import linear, rms_norm, rope_rotations, transformer_block_batch
-from .paged_kv import SessionPagedKVCache
 from .block_range import BlockRange
+from .gguf_file import LlamaConfig, ModelFile
+from .kv_cache import KVCache, SessionCache
+from .ops import block, output_logits, rope_rotations
+from .weights import BlockWeights, RangeWeights, TensorSource, load_range
 
-if TYPE_CHECKING:
-    from .shardfile import ShardFile
-
-#: A session's KV cache: the default contiguous one or the paged one (resumable from disk).
-SessionCache = Union[KVCache, SessionPagedKVCache]
+__all__ = ["PER_SESSION_MATMUL_MAX_ROWS", "Pipeline", "SessionCache", "Stage"]
 
 #: ``Stage.forward_batch`` multiplies each session's rows separately up to this many sessions
 #: (bit-identical to ``forward``), and all rows in one gemm beyond. For few decode rows the
@@ -30,37 +29,8 @@ SessionCache = Union[KVCache, SessionPagedKVCache]
 #: SmolLM2-135M) comes from the L3 cache, while OpenBLAS's gemm with 2..8 rows is
 #: compute-bound at a near-constant ~40 ms per step for 30 blocks. Measured on the 2-core
 #: CI machine, decode tokens/s aggregate vs B: per-session 1.3x at B=2, 1.7x at B=4, 2.1x at
-#: B=8; one gemm 0.9x, 1.8x, 3.0x.
+#: B=8; one gemm 0.9x, 1.8x, 3.0x. A Stage's ``per_session_matmul_max_rows`` overrides it.
 PER_SESSION_MATMUL_MAX_ROWS = 4
-
-
-@dataclass(frozen=True)
-class BlockWeights:
-    """One block's weights, laid out for ``x @ W`` (input dimension first), f32."""
-
-    attn_norm: np.ndarray  # [d]
-    qkv: np.ndarray  # [d, (n_head + 2 n_kv_head) * head_dim]
-    wo: np.ndarray  # [n_head * head_dim, d]
-    ffn_norm: np.ndarray  # [d]
-    gate_up: np.ndarray  # [d, 2 d_ff]
-    down: np.ndarray  # [d_ff, d]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.attn_norm, self.qkv, self.wo, self.ffn_norm, self.gate_up, self.down))
-
-
-def load_block(mf: ModelFile, i: int) -> BlockWeights:
-    """Dequantize block ``i`` of ``mf``. Raises ModelLoadError if a tensor is missing."""
-    t = lambda name: mf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731  [out, in]
-    return BlockWeights(
-        attn_norm=t("attn_norm"),
-        qkv=np.ascontiguousarray(np.concatenate([t("attn_q"), t("attn_k"), t("attn_v")], axis=0).T),
-        wo=np.ascontiguousarray(t("attn_output").T),
-        ffn_norm=t("ffn_norm"),
-        gate_up=np.ascontiguousarray(np.concatenate([t("ffn_gate"), t("ffn_up")], axis=0).T),
-        down=np.ascontiguousarray(t("ffn_down").T),
-    )
 
 
 class Stage:
@@ -74,6 +44,9 @@ class Stage:
     ``kv_cache(session_id)`` makes the cache of a session on its first use:
     by default an in-memory :class:`KVCache`; ``SessionStore.open`` gives paged
     caches that resume sessions saved to disk (see ``paged_kv``).
+    ``per_session_matmul_max_rows``: see :data:`PER_SESSION_MATMUL_MAX_ROWS` (None: that value).
+
+    Raises ValueError if the weights do not match ``block_range``.
     """
 
     def __init__(
@@ -85,6 +58,8 @@ class Stage:
         output_norm: Optional[np.ndarray] = None,  # [d] f32, last stage
         output: Optional[np.ndarray] = None,  # [vocab, d] f32, last stage
         kv_cache: Optional[Callable[[str], SessionCache]] = None,  # session id -> its new cache
+        *,
+        per_session_matmul_max_rows: Optional[int] = None,
     ):
         if len(blocks) != len(block_range):
             raise ValueError(f"{block_range} needs {len(block_range)} blocks, got {len(blocks)}")
@@ -96,6 +71,7 @@ class Stage:
         self.embedding, self.output_norm, self.output = embedding, output_norm, output
         self._sessions: dict[str, SessionCache] = {}
         self._new_cache = kv_cache or (lambda session_id: KVCache(len(block_range), cfg.n_kv_head, cfg.head_dim))
+        self.per_session_matmul_max_rows = per_session_matmul_max_rows
         self._lock = threading.Lock()
         self._rot = rope_rotations(np.arange(0), cfg.head_dim, cfg.rope_base)  # [positions, hd/2] complex64
 
@@ -109,32 +85,23 @@ class Stage:
 
     @classmethod
     def from_model_file(
-        cls, mf: "ModelFile | ShardFile", block_range: BlockRange, kv_cache: Optional[Callable[[str], SessionCache]] = None
+        cls, mf: TensorSource, block_range: BlockRange, kv_cache: Optional[Callable[[str], SessionCache]] = None
     ) -> "Stage":
         """Load exactly the tensors ``block_range`` needs from ``mf`` (dequantized to f32).
 
         ``mf`` is a whole GGUF (:class:`ModelFile`) or a shard file holding at least
         ``block_range``'s tensors (:class:`~worker.engine.shardfile.ShardFile`); both give
         the same float32 weights. Raises ModelLoadError (ShardFormatError for a
-        range) if a tensor is missing.
+        shard file) if a tensor is missing.
         """
-        cfg = mf.config
-        emb = mf.tensor("token_embd.weight") if (block_range.is_first or (block_range.is_last and cfg.tied_output)) else None
-        out = None
-        if block_range.is_last:
-            out = emb if cfg.tied_output else mf.tensor("output.weight")
-        return cls(
-            block_range, cfg, [load_block(mf, i) for i in block_range],
-            embedding=emb if block_range.is_first else None,
-            output_norm=mf.tensor("output_norm.weight") if block_range.is_last else None,
-            output=out, kv_cache=kv_cache,
-        )
+        w = load_range(mf, block_range)
+        return cls(block_range, mf.config, w.blocks, embedding=w.embedding, output_norm=w.output_norm,
+                   output=w.output, kv_cache=kv_cache)
 
     @property
     def nbytes(self) -> int:
         """Bytes of weights held (a tied embedding/head counted once)."""
-        arrays = {id(a): a for a in (self.embedding, self.output_norm, self.output) if a is not None}
-        return sum(b.nbytes for b in self.blocks) + sum(a.nbytes for a in arrays.values())
+        return RangeWeights(tuple(self.blocks), self.embedding, self.output_norm, self.output).nbytes
 
     # sessions
     def _cache(self, session_id: str) -> SessionCache:
@@ -154,8 +121,7 @@ class Stage:
     def cached_prefix(self, session_id: str, token_ids: Sequence[int]) -> int:
         """How many leading ``token_ids`` this stage holds keys/values for in ``session_id``
         (a saved session is loaded on first use); 0 for caches that do not record token ids."""
-        kv = self._cache(session_id)
-        return kv.matching_prefix(token_ids) if isinstance(kv, SessionPagedKVCache) else 0
+        return self._cache(session_id).matching_prefix(token_ids)
 
     def session_length(self, session_id: str) -> int:
         """Cached positions of ``session_id`` (0 if unknown)."""
@@ -192,8 +158,8 @@ class Stage:
         n = h.shape[0]
         kv = self._cache(session_id)
         self._check_position(session_id, kv, start_pos)
-        h = self._blocks(h, self._rotations(start_pos, start_pos + n), [(kv, start_pos, n)])
-        self._commit(kv, start_pos + n, token_ids)
+        h = self._blocks(h, self._rotations(start_pos, start_pos + n), [kv], [start_pos], [0, n])
+        kv.commit(start_pos + n, token_ids)
         if not self.block_range.is_last:
             return h
         return self._head(h if all_logits else h[-1:])  # [n or 1, vocab]
@@ -236,13 +202,13 @@ class Stage:
         caches = [self._cache(sid) for sid in sids]
         for sid, kv, start in zip(sids, caches, starts):
             self._check_position(sid, kv, start)
-        segments = list(zip(caches, starts, ns))
         rot = np.concatenate([self._rotations(start, start + n) for start, n in zip(starts, ns)])  # [N, hd/2]
         bounds = [0, *np.cumsum(ns).tolist()]  # row bounds of the sessions
-        per_session = len(rows) <= PER_SESSION_MATMUL_MAX_ROWS
-        h = self._blocks(h, rot, segments, bounds if per_session else None)
+        limit = self.per_session_matmul_max_rows
+        per_session = len(rows) <= (PER_SESSION_MATMUL_MAX_ROWS if limit is None else limit)
+        h = self._blocks(h, rot, caches, starts, bounds, per_session)
         for kv, start, n, row_ids in zip(caches, starts, ns, ids):
-            self._commit(kv, start + n, row_ids)
+            kv.commit(start + n, row_ids)
         if not self.block_range.is_last:
             return h
         last = h[np.asarray(bounds[1:]) - 1]  # [B, d]
@@ -272,23 +238,24 @@ class Stage:
                 f"session {session_id}: position {start_pos} skips past the cached {kv.length} positions"
             )
 
-    def _blocks(self, h: np.ndarray, rot: np.ndarray, segments: list, groups: Optional[list[int]] = None) -> np.ndarray:
-        """[N, d] f32 through every block of the range; segments = [(cache, start_pos, n)]
-        (see ops.cached_attention), groups = row bounds of separate matmuls or None (see ops.linear)."""
+    def _blocks(
+        self, h: np.ndarray, rot: np.ndarray, caches: Sequence[SessionCache], starts: Sequence[int],
+        bounds: Sequence[int], split_matmuls: bool = False,
+    ) -> np.ndarray:
+        """[N, d] f32 through every block of the range, for sessions whose rows are
+        ``h[bounds[s] : bounds[s+1]]`` at positions from ``starts[s]``: each block reads the
+        sessions' cached keys/values and its new ones are written into ``caches`` (not yet
+        committed). ``split_matmuls``: one matmul per session (see ops.block)."""
         for j, w in enumerate(self.blocks):
-            h = transformer_block_batch(h, w, self.cfg, rot, segments, j, groups)
+            past = [kv.read(j, start) for kv, start in zip(caches, starts)]  # views [kv, start, hd]
+            h, k, v = block(h, w, self.cfg, rot, past, bounds, split_matmuls)  # k, v [N, kv, hd]
+            for kv, start, a, b in zip(caches, starts, bounds[:-1], bounds[1:]):
+                kv.write(j, k[a:b].transpose(1, 0, 2), v[a:b].transpose(1, 0, 2), start)
         return h
-
-    @staticmethod
-    def _commit(kv: SessionCache, length: int, token_ids: Optional[Sequence[int]]) -> None:
-        if isinstance(kv, SessionPagedKVCache):
-            kv.commit(length, token_ids)
-        else:
-            kv.commit(length)
 
     def _head(self, h: np.ndarray, groups: Optional[list[int]] = None) -> np.ndarray:
         """[m, d] f32 -> logits [m, vocab] f32: final norm and output head (groups as in ops.linear)."""
-        return linear(rms_norm(h, self.output_norm, self.cfg.norm_eps), self.output.T, groups)
+        return output_logits(h, self.output_norm, self.output, self.cfg.norm_eps, groups)
 
 
 class Pipeline:
