@@ -123,6 +123,8 @@ class QuantizedMatrix:
 def _kernel_weights(qm: QuantizedMatrix) -> np.ndarray:
     if qm.ggml_type in (GGMLType.F16, GGMLType.BF16):
         return qm.data.view(np.uint16)  # [n_out, n_in]
+    if qm.ggml_type is GGMLType.Q8_0:
+        return qm.data.view(np.int8)  # [n_out, row_bytes]
     return qm.data
 
 
