@@ -14,7 +14,8 @@ stored, plus the tied output head token_embd 49152×576, stored as Q8_0) and pri
   * resident memory (psutil RSS) of the quantized weights (the memory-mapped file's pages, touched)
     and of the f32 copies, with their nominal sizes;
   * if ``llama_cpp`` is importable, llama.cpp's decode speed on the same file (skipped otherwise).
-Timings are medians of ``--repeats`` passes after one warm-up pass; the first kernel compilation
+Timings are medians of ``--repeats`` passes after one warm-up pass (wall clock, plus the process's
+CPU time over all threads, which other processes' load disturbs less); the first kernel compilation
 (or cache load) is timed separately. Results go into docs/PERFORMANCE.md by hand.
 """
 from __future__ import annotations
@@ -41,13 +42,19 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def median_ms(fn, repeats: int) -> float:
+CPU_MS: dict[str, float] = {}  # label -> median CPU ms (all threads) per pass, filled by median_ms
+
+
+def median_ms(fn, repeats: int, label: str = "") -> float:
+    """Median wall-clock ms of ``repeats`` calls after one warm-up; the median process CPU ms goes to CPU_MS[label]."""
     fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    CPU_MS[label] = statistics.median(cpu) * 1e3
     return statistics.median(times) * 1e3
 
 
@@ -129,14 +136,13 @@ def main() -> None:
             Ps[w.shape[1]] @ w.T
 
     head_q, head_f, head_x = qms[-1], f32[-1], xs[-1]
-    ms = {
-        "q": median_ms(q_pass, a.repeats), "f": median_ms(f_pass, a.repeats),
-        "hq": median_ms(lambda: quant.matmul(head_q, head_x), a.repeats),
-        "hf": median_ms(lambda: head_f @ head_x, a.repeats),
-        "qb": median_ms(q_batch, a.repeats), "qr": median_ms(q_rows, max(1, a.repeats // 2)),
-        "fb": median_ms(f_batch, a.repeats),
-        "qp": median_ms(q_prefill, 3), "fp": median_ms(f_prefill, 3),
+    runs = {
+        "q": (q_pass, a.repeats), "f": (f_pass, a.repeats),
+        "hq": (lambda: quant.matmul(head_q, head_x), a.repeats), "hf": (lambda: head_f @ head_x, a.repeats),
+        "qb": (q_batch, a.repeats), "qr": (q_rows, max(1, a.repeats // 2)), "fb": (f_batch, a.repeats),
+        "qp": (q_prefill, 3), "fp": (f_prefill, 3),
     }
+    ms = {k: median_ms(fn, n, k) for k, (fn, n) in runs.items()}
     tps = lambda m: 1e3 / m  # noqa: E731
     print(f"decode pass: quantized {ms['q']:.2f} ms ({tps(ms['q']):.1f} tok/s-eq), f32 BLAS {ms['f']:.2f} ms"
           f" ({tps(ms['f']):.1f} tok/s-eq); ratio quantized/f32 speed {ms['f'] / ms['q']:.2f}")
@@ -146,6 +152,9 @@ def main() -> None:
           f" f32 BLAS gemm {ms['fb']:.2f} ms ({a.batch * ms['f'] / ms['fb']:.2f}x)")
     print(f"prefill pass ({a.prompt_tokens} rows): tiles + BLAS {ms['qp']:.1f} ms"
           f" ({a.prompt_tokens * 1e3 / ms['qp']:.0f} tok/s-eq), f32 BLAS {ms['fp']:.1f} ms; ratio {ms['fp'] / ms['qp']:.2f}")
+    print("CPU ms per pass (all threads; less sensitive to other load than wall time): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in CPU_MS.items())
+          + "  [q/f: decode quantized/f32, hq/hf: head, qb/qr/fb: batched / row by row / f32 gemm, qp/fp: prefill]")
     ref = bench_llama_cpp(mf.path)
     if ref is None:
         print("llama_cpp not importable: no llama.cpp reference in this run")

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from worker.engine.gguf_file import ModelFile, ModelLoadError, default_model_path
+from worker.engine.quant import matrix as quant_matrix
 from worker.engine.quant import LAYOUTS, SUPPORTED_TYPES, GGMLType, QuantFormatError, QuantizedMatrix, dequantize, matmul
 
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
@@ -101,7 +102,7 @@ def test_matrix_vector_product_matches_dequantized_weights(t, rng):
 
 
 @pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
-def test_batched_product_equals_rows_and_the_prefill_path(t, rng):
+def test_batched_product_equals_rows_and_the_prefill_path(t, rng, monkeypatch):
     data, ref = random_tensor(t, rng)
     qm = QuantizedMatrix.from_bytes("blk.0.test.weight", t, ref.shape, data)
     X = rng.standard_normal((3, ref.shape[1])).astype(np.float32)
@@ -109,6 +110,7 @@ def test_batched_product_equals_rows_and_the_prefill_path(t, rng):
     assert_product_close(fused, ref, X)
     if t is not T.F32:  # F32 is plain BLAS; the fused kernels give each row the same lanes and order
         np.testing.assert_array_equal(fused, np.stack([matmul(qm, row) for row in X]))
+    monkeypatch.setattr(quant_matrix, "TILE_ELEMS", 2 * ref.shape[1])  # tiles of 2 rows: 3 tiles, the last short
     tiled = matmul(qm, X, fused_max_rows=0)  # dequantized tiles + BLAS, as prefill does
     assert_product_close(tiled, ref, X)
 

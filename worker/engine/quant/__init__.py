@@ -11,9 +11,9 @@ Public API::
 Not wired into the stages yet (issue 16 items 1-2 as standalone kernels).
 """
 from .formats import LAYOUTS, QK_K, SUPPORTED_TYPES, BlockLayout, GGMLType
-from .matrix import FUSED_MAX_ROWS, TILE_ROWS, QuantFormatError, QuantizedMatrix, dequantize, matmul, warm_up
+from .matrix import FUSED_MAX_ROWS, TILE_ELEMS, QuantFormatError, QuantizedMatrix, dequantize, matmul, warm_up
 
 __all__ = [
     "BlockLayout", "FUSED_MAX_ROWS", "GGMLType", "LAYOUTS", "QK_K", "QuantFormatError", "QuantizedMatrix",
-    "SUPPORTED_TYPES", "TILE_ROWS", "dequantize", "matmul", "warm_up",
+    "SUPPORTED_TYPES", "TILE_ELEMS", "dequantize", "matmul", "warm_up",
 ]

@@ -36,8 +36,9 @@ _KERNELS = {
 #: Activation rows up to which ``matmul`` uses the fused kernel; above, tiles of dequantized weights + BLAS.
 FUSED_MAX_ROWS = 16
 
-#: Weight rows dequantized per tile by the BLAS path (576 inputs: 1 MiB of f32 scratch).
-TILE_ROWS = 512
+#: Weights dequantized per tile by the BLAS path: 4 MiB of f32 scratch (SmolLM2: 1820 rows of 576, so
+#: every block matrix is one tile and the 49152-row head 28; fewer switches between Numba and BLAS threads).
+TILE_ELEMS = 1 << 20
 
 
 def _ggml_type(name: str, ggml_type) -> GGMLType:
@@ -159,8 +160,8 @@ def matmul(qm: QuantizedMatrix, x: np.ndarray, fused_max_rows: int = FUSED_MAX_R
 
     Up to ``fused_max_rows`` activation rows (decode, batched decode): one
     fused kernel pass that reads the quantized weights once for all rows.
-    More rows (prefill): the weights are dequantized ``TILE_ROWS`` rows at a
-    time into one reused scratch buffer and multiplied with BLAS. F32
+    More rows (prefill): the weights are dequantized a tile of rows at a
+    time (``TILE_ELEMS`` weights) into one reused scratch buffer and multiplied with BLAS. F32
     weights always go straight to BLAS. The weights' values are exactly the
     dequantized ones; only the f32 summation order differs from
     ``X @ dequantize(qm).T``. Raises ValueError if ``x``'s last axis is not ``n_in``.
@@ -178,9 +179,10 @@ def matmul(qm: QuantizedMatrix, x: np.ndarray, fused_max_rows: int = FUSED_MAX_R
         gemm(_kernel_weights(qm), X, lut, Y)
     else:
         Y = np.empty((X.shape[0], n_out), np.float32)
-        scratch = np.empty((min(TILE_ROWS, n_out), n_in), np.float32)
-        for r0 in range(0, n_out, TILE_ROWS):
-            tile = dequantize(qm, slice(r0, min(n_out, r0 + TILE_ROWS)), scratch)
+        rows = max(1, min(n_out, TILE_ELEMS // n_in))
+        scratch = np.empty((rows, n_in), np.float32)
+        for r0 in range(0, n_out, rows):
+            tile = dequantize(qm, slice(r0, min(n_out, r0 + rows)), scratch)
             np.matmul(X, tile.T, out=Y[:, r0 : r0 + tile.shape[0]])
     return Y[0] if vec else Y
 
