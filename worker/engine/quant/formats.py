@@ -13,7 +13,7 @@ Byte layout of one block (offsets in bytes, ``QK_K = 256``)::
     F16   1 weight, 2 B   float16
     BF16  1 weight, 2 B   bfloat16 (the top half of a float32)
     Q8_0  32 weights, 34 B   d:f16 @0 | qs:int8[32] @2            w = qs[j] * d
-    Q4_0  32 weights, 18 B   d:f16 @0 | qs:u8[16] @2              w = d * ((nib) - 8)
+    Q4_0  32 weights, 18 B   d:f16 @0 | qs:u8[16] @2              w = d * (nib - 8)
     Q4_1  32 weights, 20 B   d:f16 @0 | m:f16 @2 | qs:u8[16] @4   w = d * nib + m
     Q5_0  32 weights, 22 B   d:f16 @0 | qh:u32 @2 | qs:u8[16] @6  w = d * (q - 16), q = nib | hbit << 4
     Q5_1  32 weights, 24 B   d:f16 @0 | m:f16 @2 | qh:u32 @4 | qs:u8[16] @8   w = d * q + m

@@ -3,7 +3,8 @@
 Two kernels per storage type (layouts in :mod:`.formats`):
 
 * ``gemm_<type>(w, X, lut, Y)``: ``Y[i, o] = sum_k W[o, k] * X[i, k]``, i.e.
-  ``Y = X Wᵀ``, with ``w`` the raw bytes ``uint8 [n_out, row_bytes]``,
+  ``Y = X Wᵀ``, with ``w`` the raw bytes ``uint8 [n_out, row_bytes]`` (viewed as
+  ``int8`` for Q8_0, as ``uint16 [n_out, n_in]`` for F16/BF16),
   ``X`` ``float32 [n_rows, n_in]`` (C-contiguous), ``Y`` ``float32 [n_rows, n_out]``.
   A matrix-vector product is the case ``n_rows == 1``. Each weight is
   dequantized in registers with exactly the float32 operations of ggml's
@@ -27,8 +28,8 @@ bfloat16 for BF16 weights (``BF16_LUT``); the lookup is exact.
 
 All kernels are ``@njit(parallel=True, cache=True, fastmath=False)`` (both
 cores via ``prange`` over output rows; no FMA contraction, so the
-dequantized weights are exactly ggml's). Each has one signature (uint8 2D C
-array, f32 2D C arrays), so there is one compilation per kernel, cached in
+dequantized weights are exactly ggml's). Each has one signature (a 2D C
+array of the weights' integer view, f32 2D C arrays), so there is one compilation per kernel, cached in
 ``__pycache__`` (or ``NUMBA_CACHE_DIR``).
 """
 from __future__ import annotations
