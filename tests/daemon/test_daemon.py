@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from tests.support.daemons import HEARTBEAT_S, start_daemon, wait_for
 from worker import netconfig, pki, protocol
 from worker.control import ControlError, ControlFiles
-from worker.daemon import _mentions_revocation
+from worker.daemon import mentions_revocation
 from worker.link import Credentials, HandshakeFailed, Link, open_link
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -184,7 +184,7 @@ async def test_admin_creates_network_two_workers_join_and_config_versions_propag
     # after the restart the revoked certificate is still refused, with the reason in words
     with pytest.raises(HandshakeFailed, match="revoked") as refusal:
         await _member_link(_admin_address(restarted, nid), w2_creds, admin.node_id)
-    assert _mentions_revocation(refusal.value)  # what the worker's daemon reads to stop retrying
+    assert mentions_revocation(refusal.value)  # what the worker's daemon reads to stop retrying
 
     # w1 leaves: the admin drops it from the member list
     await w1.call("network_leave", network_id=nid)
