@@ -26,6 +26,14 @@ Adding or leaving a network starts or stops its server without a restart.
 Every join, leave, refusal, config change and error goes to the JSON-lines
 event log ``D/events.jsonl`` (``worker/eventlog.py``).
 
+Structure: each network's state (config, lock, commit, live links) is a
+``worker.network_state.Network``; on the admin, ``worker.distribution.Distribution``
+places and sends the blocks and ``worker.inference.NetworkInference`` generates, both
+given the Network and never this module. Control commands are the table
+:data:`COMMANDS` (name -> handler, one per schema in ``protocol.CONTROL_COMMANDS``);
+each link role (joiner, member, peer, the link to the admin, control) is served by a
+``worker.dispatch.Dispatcher`` over its own table message type -> handler.
+
 Files in ``D`` (directories 0700, private files 0600): ``node.json`` (this
 node's id), ``control/`` (``worker/control.py``), ``network_config_<id>.json``,
 ``networks/<id>/`` with ``ca.pem``, ``node.pem``, ``node.key`` and, on the
@@ -534,9 +542,9 @@ class Daemon:
         return {"node_id": self.node_id, "role": net.creds.role, "version": "argus-worker",
                 "config_version": net.signed.version, "resources": self.resources(),
                 "block_range": protocol.block_range_to_wire(r) if r is not None else None,
-                "sessions": len(host.memory_sessions()) if host is not None and hasattr(host, "memory_sessions") else 0}
+                "sessions": len(host.memory_sessions()) if host is not None else 0}
 
-    def _stage_host(self, net: Network) -> Any:
+    def _stage_host(self, net: Network) -> StageHost:
         """This node's StageHost for ``net`` (made on first use; its key is per network, 0600)."""
         if net.stage_host is None:
             key = load_or_create_key(net.dir / "blocks.key")

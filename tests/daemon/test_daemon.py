@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import random
 import ssl
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.e2e  # every test here starts processes
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
+    root = tmp_path_factory.mktemp("network")
     admin = start_daemon(root / "admin", "admin", extra=("--measure-speed",))
     w1 = start_daemon(root / "w1", "w1", discovery_targets=f"127.0.0.1:{admin.discovery}")
     w2 = start_daemon(root / "w2", "w2")
@@ -253,7 +254,10 @@ async def test_peer_without_certificate_may_only_ask_to_join(procs, network):
 def _raw_client_ctx(cert, key) -> ssl.SSLContext:
     """A TLS 1.3 client presenting ``cert`` without checking the server (to test the server's refusal)."""
     ctx = pki.joiner_context()
-    pki._load_identity(ctx, pki._as_cert(cert), key)
+    with tempfile.TemporaryDirectory() as d:
+        pki.save_certificate(Path(d) / "node.pem", cert)
+        pki.save_private_key(Path(d) / "node.key", key)
+        ctx.load_cert_chain(Path(d) / "node.pem", Path(d) / "node.key")
     return ctx
 
 

@@ -512,7 +512,7 @@ async def test_rebalance_shows_the_transfers_as_a_task_list_in_the_chat(make_arg
 # ---------------------------------------------------------------------------
 # end to end: the chat server and three daemons
 # ---------------------------------------------------------------------------
-CLUSTER_READY = importlib.util.find_spec("worker.cluster") is not None
+CLUSTER_READY = importlib.util.find_spec("worker.inference") is not None
 TOKEN = re.compile(r"argus1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 MAX_NEW = 24
 
