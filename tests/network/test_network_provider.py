@@ -520,8 +520,8 @@ MAX_NEW = 24
 @pytest.mark.e2e
 @pytest.mark.skipif(not CLUSTER_READY, reason="worker.cluster (the daemon's side of issue 6) is not there yet")
 async def test_chat_over_network_e2e(tmp_path, local_model):
-    from daemons import start_daemon, wait_for
-    from live_server import Chat as LiveChat, history_env, said, serve, sign_in, sign_up
+    from tests.support.daemons import start_daemon, wait_for
+    from tests.support.live_server import Chat as LiveChat, history_env, said, serve, sign_in, sign_up
 
     async def ask(chat, text: str) -> tuple[str, list]:
         events, _ = await chat.turn(text)
