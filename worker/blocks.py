@@ -57,6 +57,7 @@ from worker import crypto_at_rest
 from worker.crypto_at_rest import IntegrityError, block_aad, decrypt_blob, encrypt_blob
 from worker.pki import atomic_write
 from worker.protocol import MAX_BLOCK_CHUNK, block_range_from_wire, block_range_to_wire
+from worker.protocol.units import format_mib
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,6 @@ class _Transfer:
     n_records: int = 0
     bar: object = None  # a tqdm bar, or None
     logged_quarter: int = 0  # 25% steps already logged
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _check_sha(value: str, what: str) -> str:
@@ -295,7 +292,7 @@ class BlockStore:
             raise BlockTransferError(f"the offered block range is not valid: {e}") from None
         if not 0 < shard_bytes <= self.max_shard_bytes:
             raise BlockTransferError(
-                f"the offered shard of {shard_bytes} bytes is over this node's limit of {_mib(self.max_shard_bytes)}")
+                f"the offered shard of {shard_bytes} bytes is over this node's limit of {format_mib(self.max_shard_bytes)}")
         if not 0 < chunk_bytes <= MAX_BLOCK_CHUNK:
             raise BlockTransferError(f"chunk_bytes must be 1..{MAX_BLOCK_CHUNK}, got {chunk_bytes}")
         with self._lock:
@@ -328,7 +325,7 @@ class BlockStore:
                 os.close(fd)
                 self._write_meta(meta)
                 t = self._transfers[sha] = _Transfer(meta)
-                log.info("shard %s… of blocks [%d, %d): receiving %s", sha[:16], wire["start"], wire["end"], _mib(shard_bytes))
+                log.info("shard %s… of blocks [%d, %d): receiving %s", sha[:16], wire["start"], wire["end"], format_mib(shard_bytes))
             elif (t.meta.chunk_bytes, t.meta.epoch) != (chunk_bytes, epoch):
                 t.meta.chunk_bytes, t.meta.epoch = chunk_bytes, epoch
                 self._write_meta(t.meta)
@@ -343,8 +340,8 @@ class BlockStore:
         free = shutil.disk_usage(self.directory).free
         if need + DISK_HEADROOM_BYTES > free:
             raise BlockTransferError(
-                f"this node has {_mib(free)} of free disk space; storing the shard needs {_mib(need)} "
-                f"plus {_mib(DISK_HEADROOM_BYTES)} to spare: free some space or lower this node's disk allocation",
+                f"this node has {format_mib(free)} of free disk space; storing the shard needs {format_mib(need)} "
+                f"plus {format_mib(DISK_HEADROOM_BYTES)} to spare: free some space or lower this node's disk allocation",
                 code="conflict")
 
     def _resume(self, meta: _Meta) -> Optional[_Transfer]:
@@ -362,7 +359,7 @@ class BlockStore:
             for pos, index, plain in self._records(path, meta):
                 good, t.n_records, t.have_bytes = pos, index + 1, t.have_bytes + len(plain)
         except ShardIntegrityError as e:
-            log.warning("shard %s…: kept the first %s received (%s)", meta.shard_sha256[:16], _mib(t.have_bytes), e)
+            log.warning("shard %s…: kept the first %s received (%s)", meta.shard_sha256[:16], format_mib(t.have_bytes), e)
         if t.have_bytes > meta.shard_bytes:
             self._delete(meta.shard_sha256)
             return None
@@ -373,7 +370,7 @@ class BlockStore:
                 os.fsync(f.fileno())
         self._transfers[meta.shard_sha256] = t
         if t.have_bytes:
-            log.info("shard %s…: resuming at %s of %s", meta.shard_sha256[:16], _mib(t.have_bytes), _mib(meta.shard_bytes))
+            log.info("shard %s…: resuming at %s of %s", meta.shard_sha256[:16], format_mib(t.have_bytes), format_mib(meta.shard_bytes))
         return t
 
     def _status(self, t: _Transfer) -> BlockStatus:
@@ -451,7 +448,7 @@ class BlockStore:
         if quarter > t.logged_quarter:
             t.logged_quarter = quarter
             log.info("shard %s…: received %d%% (%s of %s)", t.meta.shard_sha256[:16], 25 * quarter,
-                     _mib(t.have_bytes), _mib(t.meta.shard_bytes))
+                     format_mib(t.have_bytes), format_mib(t.meta.shard_bytes))
 
     def _finish(self, t: _Transfer) -> BlockStatus:
         """Verify a complete ``.part`` against the shard hash; seal it in place or discard it."""
@@ -482,7 +479,7 @@ class BlockStore:
             if other != sha:
                 log.info("deleted shard %s…, replaced by shard %s…", other[:16], sha[:16])
                 self._delete(other)
-        log.info("shard %s… verified (%s)", sha[:16], _mib(meta.shard_bytes))
+        log.info("shard %s… verified (%s)", sha[:16], format_mib(meta.shard_bytes))
         return BlockStatus(sha, meta.shard_bytes, "verified", "the shard is complete and its SHA-256 matches")
 
     # --- use -------------------------------------------------------------------------

@@ -26,6 +26,14 @@ Adding or leaving a network starts or stops its server without a restart.
 Every join, leave, refusal, config change and error goes to the JSON-lines
 event log ``D/events.jsonl`` (``worker/eventlog.py``).
 
+Structure: each network's state (config, lock, commit, live links) is a
+``worker.network_state.Network``; on the admin, ``worker.distribution.Distribution``
+places and sends the blocks and ``worker.inference.NetworkInference`` generates, both
+given the Network and never this module. Control commands are the table
+:data:`COMMANDS` (name -> handler, one per schema in ``protocol.CONTROL_COMMANDS``);
+each link role (joiner, member, peer, the link to the admin, control) is served by a
+``worker.dispatch.Dispatcher`` over its own table message type -> handler.
+
 Files in ``D`` (directories 0700, private files 0600): ``node.json`` (this
 node's id), ``control/`` (``worker/control.py``), ``network_config_<id>.json``,
 ``networks/<id>/`` with ``ca.pem``, ``node.pem``, ``node.key`` and, on the
@@ -43,7 +51,6 @@ import shutil
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -55,27 +62,31 @@ from websockets.exceptions import InvalidHandshake
 
 from worker import netconfig, pki, protocol, resources
 from worker.control import CONTROL_NETWORK, DEFAULT_CONTROL_PORT, ensure_control_credentials, write_endpoint
+from worker.crypto_at_rest import load_or_create_key
 from worker.discovery import DEFAULT_DISCOVERY_PORT, DiscoveryResponder, discover_networks
+from worker.dispatch import STOP, Dispatcher
+from worker.distribution import Distribution
+from worker.engine import ModelFile
 from worker.eventlog import EventLog
+from worker.inference import NetworkInference, NetworkModel, split_session_id
 from worker.link import Credentials, HandshakeFailed, Link, LinkClosed, accept, open_link
 from worker.netconfig import ConfigInvalid, SignedConfig
+from worker.network_state import DEFAULT_HEARTBEAT_S, MemberLive, Network, NodeContext, PendingJoin
 from worker.protocol import Conflict, InvalidPayload, Message, NotAuthorized, NotFound, ProtocolError
 from worker.resources import Allocation, AllocationError, default_allocation, snapshot
+from worker.stage_host import StageHost
 
 log = logging.getLogger(__name__)
 
-#: Seconds between a worker's heartbeats to its admin.
-DEFAULT_HEARTBEAT_S = 10.0
-#: A member is shown "offline" after this many missed heartbeats.
-OFFLINE_AFTER_HEARTBEATS = 3
 #: Seconds a joiner may wait for the admin's approval on one connection.
 JOIN_WAIT_S = 900.0
 #: Seconds the ``network_join`` command waits for an approval before answering "pending".
 JOIN_ANSWER_WAIT_S = 3.0
 #: Longest wait between reconnection attempts to the admin, seconds.
 MAX_BACKOFF_S = 30.0
-#: Replies a worker sends to the admin's stage requests (matched by request id, see cluster.RemoteStage).
-_STAGE_REPLIES = frozenset({"forward_result", "session_info", "sessions_response", "blocks_status", "error"})
+#: Replies a worker sends to the admin's stage requests (matched by request id, see inference.RemoteStage);
+#: "error" replies are matched the same way.
+STAGE_REPLIES = ("forward_result", "session_info", "sessions_response", "blocks_status")
 
 
 def _address(host: str, port: int) -> str:
@@ -101,81 +112,6 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
-
-
-# --------------------------------------------------------------------------- per-network state
-
-
-@dataclass
-class MemberLive:
-    """What the admin knows of a member right now (not in the signed config)."""
-
-    resources: dict = field(default_factory=dict)
-    last_seen: Optional[float] = None
-    acked_version: int = 0
-    link: Optional[Link] = None
-    waiters: dict[str, asyncio.Future] = field(default_factory=dict)  # request id -> its reply (cluster.RemoteStage)
-
-    def fail_waiters(self, why: str) -> None:
-        from worker.cluster import ClusterError
-
-        for fut in self.waiters.values():
-            if not fut.done():
-                fut.set_exception(ClusterError(why))
-        self.waiters.clear()
-
-
-@dataclass
-class PendingJoin:
-    """A joiner waiting for the admin's decision on an open connection."""
-
-    node_id: str
-    csr_pem: str
-    address: str
-    resources: dict
-    requested_at: float
-    decision: asyncio.Future  # result: ("approved", cert_pem) | ("rejected", reason)
-
-
-@dataclass
-class Network:
-    """One network this node belongs to: its files, credentials, config and live state."""
-
-    dir: Path
-    signed: SignedConfig
-    creds: Credentials
-    ca_key: Optional[ec.EllipticCurvePrivateKey] = None
-    tokens: Optional[pki.TokenRegistry] = None
-    server: Optional[Server] = None
-    members_live: dict[str, MemberLive] = field(default_factory=dict)
-    pending: dict[str, PendingJoin] = field(default_factory=dict)
-    member_task: Optional[asyncio.Task] = None
-    link_state: str = "connecting"  # worker side: connecting | connected | removed
-    admin_link: Optional[Link] = None
-    stage_host: Any = None  # worker.stage_host.StageHost: this node's blocks and KV sessions
-    cluster: Any = None  # worker.cluster.Cluster (admin only): placement, distribution, generation
-
-    @property
-    def network_id(self) -> str:
-        return self.signed.network_id
-
-    @property
-    def config(self) -> dict:
-        return self.signed.config
-
-    @property
-    def is_admin(self) -> bool:
-        return self.ca_key is not None
-
-    @property
-    def crl(self) -> Optional[x509.CertificateRevocationList]:
-        pem = self.config.get("crl_pem")
-        return pki.verify_crl(pem, self.creds.ca_cert) if pem else None
-
-    def my_port(self) -> int:
-        member = self.config["members"].get(self.creds.node_id, {})
-        addr = member.get("address") or self.config["admin"]["address"]
-        return int(addr.rpartition(":")[2])
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -233,6 +169,7 @@ class Daemon:
         self.model_path = model_path
         self.node_id = self._load_node_id()
         self.events = EventLog(self.data_dir / "events.jsonl")
+        self.node = NodeContext(self.node_id, self.data_dir, self.events, self._spawn, heartbeat_s, model_path)
         self.networks: dict[str, Network] = {}
         self.joining: dict[str, dict] = {}  # network id -> {"state", "message", "task"}
         self.nonces = pki.NonceCache()
@@ -240,7 +177,6 @@ class Daemon:
         self._control_server: Optional[Server] = None
         self._discovery: Optional[DiscoveryResponder] = None
         self._tasks: set[asyncio.Task] = set()
-        self._lock = asyncio.Lock()  # config changes, one at a time
 
     # ---- identity and files ----------------------------------------------------
     def _load_node_id(self) -> str:
@@ -291,7 +227,7 @@ class Daemon:
         await asyncio.gather(self._start_control(), *(self._start_network(n) for n in self.networks.values()))
         for net in self.networks.values():
             if net.is_admin and net.config.get("placement"):
-                self._cluster(net).start_distribution()
+                self._distribution(net).start_distribution()
         if self.discovery_port is not None:
             self._discovery = await DiscoveryResponder.start(self.host if self.host != "::" else "0.0.0.0",
                                                              self.discovery_port, self._discovery_answer)
@@ -347,7 +283,7 @@ class Daemon:
         cert = pki.load_certificate(d / "node.pem")
         key = pki.load_private_key(d / "node.key")
         role = member["role"] if member else pki.node_identity(cert).role
-        net = Network(d, signed, Credentials(network_id, self.node_id, role, cert, key, ca_cert))
+        net = Network(self.node, d, signed, Credentials(network_id, self.node_id, role, cert, key, ca_cert))
         net.creds.crl_source = lambda n=net: n.crl
         if (d / "ca.key").exists():
             net.ca_key = pki.load_private_key(d / "ca.key")
@@ -409,30 +345,6 @@ class Daemon:
                         "ca_fingerprint": pki.ca_fingerprint(net.creds.ca_cert)})
         return self.node_id, out
 
-    # ---- config changes (admin) --------------------------------------------------
-    async def _commit(self, net: Network, change: Callable[[dict], None], event: str, **details: Any) -> SignedConfig:
-        """Apply ``change`` to a copy of the config, sign version + 1, save, push to members."""
-        config = json.loads(json.dumps(net.config))
-        change(config)
-        config["updated_at"] = time.time()
-        signed = netconfig.sign(net.ca_key, net.network_id, net.signed.version + 1, config)
-        await asyncio.to_thread(netconfig.save, self.data_dir, signed)
-        net.signed = signed
-        self.events.write("config_changed", network=net.network_id, node=self.node_id, version=signed.version,
-                          change=event, **details)
-        for node_id, live in list(net.members_live.items()):
-            if live.link is not None and node_id in config["members"]:
-                await self._push_config(net, live.link)
-        return signed
-
-    async def _push_config(self, net: Network, link: Link) -> None:
-        s = net.signed
-        try:
-            await link.send_new("config_update", {"config": s.config, "version": s.version,
-                                                  "signature": protocol.b64(s.signature)})
-        except LinkClosed:
-            pass
-
     # ---- the network port ----------------------------------------------------------
     async def _network_handler(self, ws: Any, net: Network) -> None:
         try:
@@ -465,15 +377,19 @@ class Daemon:
 
     async def _serve_joiner(self, net: Network, link: Link) -> None:
         """A peer without a certificate: join_hello → join_ca, join_request → pending → decision."""
-        while True:
-            m = await link.recv(timeout=60)
-            if m.message_type == "join_hello":
-                await link.reply(m, "join_ca", {"ca_pem": pki.pem(net.creds.ca_cert).decode("ascii"),
-                                                "admin_node_id": self.node_id})
-            elif m.message_type == "join_request":
-                await self._join_request(net, link, m)
-                return
-            # error messages from the joiner: ignore and keep waiting
+        async def hello(m: Message) -> None:
+            await link.reply(m, "join_ca", {"ca_pem": pki.pem(net.creds.ca_cert).decode("ascii"),
+                                            "admin_node_id": self.node_id})
+
+        async def request(m: Message) -> object:
+            await self._join_request(net, link, m)
+            return STOP
+
+        async def ignore(m: Message) -> None:  # error messages from the joiner: keep waiting
+            return None
+
+        await Dispatcher("a joiner's link", {"join_hello": hello, "join_request": request},
+                         on_error=ignore, timeout_s=60).serve(link)
 
     async def _join_request(self, net: Network, link: Link, m: Message) -> None:
         p = m.payload
@@ -541,8 +457,7 @@ class Daemon:
             config["members"][node_id] = {"role": "worker", "address": pending.address, "allocation": allocation,
                                           "serial": format(serial, "x"), "joined_at": time.time()}
 
-        async with self._lock:
-            await self._commit(net, add, "member_added", member=node_id)
+        await net.commit(add, "member_added", member=node_id)
         net.members_live[node_id] = MemberLive(resources=pending.resources)
         pending.decision.set_result(("approved", cert_pem.decode("ascii")))
         self.events.write("join_approved", network=net.network_id, node=node_id, role="worker")
@@ -553,7 +468,7 @@ class Daemon:
         """After a join or leave, once the member had time to connect: propose a new placement."""
         async def later() -> None:
             await asyncio.sleep(min(2.0, self.heartbeat_s))
-            await asyncio.to_thread(self._cluster(net).propose, reason)
+            await asyncio.to_thread(self._distribution(net).propose, reason)
         self._spawn(later(), "propose-placement")
 
     async def _serve_member(self, net: Network, link: Link) -> None:
@@ -571,34 +486,40 @@ class Daemon:
         if old is not None:
             await old.close(1000, "replaced by a newer connection")
         self.events.write("member_connected", network=net.network_id, node=node_id, peer=link.remote_address)
-        if net.cluster is not None:
-            net.cluster.member_connected(node_id)
+        if net.distribution is not None:
+            net.distribution.member_connected(node_id)
+
+        async def heartbeat(m: Message) -> None:
+            live.resources = dict(m.payload["resources"])
+            if m.payload["config_version"] < net.signed.version:
+                await net.push_config(link)
+            elif m.payload["config_version"] == net.signed.version:
+                live.acked_version = net.signed.version
+
+        async def config_ack(m: Message) -> None:
+            live.acked_version = m.payload["version"]
+            self.events.write("config_acked", network=net.network_id, node=node_id, version=m.payload["version"])
+
+        async def leave(m: Message) -> object:
+            await self._remove_member(net, node_id, reason="left")
+            return STOP
+
+        async def stage_reply(m: Message) -> None:
+            if not live.deliver(m):
+                raise protocol.UnexpectedMessage(f"{m.message_type} answers no request of this admin",
+                                                 request_id=m.request_id)
+
+        async def error(m: Message) -> None:
+            if not live.deliver(m):
+                log.info("member %s reported an error: %s", node_id, m.payload["message"])
+
+        def seen(m: Message) -> None:
+            live.last_seen = time.time()
+
+        handlers = {"heartbeat": heartbeat, "config_ack": config_ack, "leave": leave,
+                    **{t: stage_reply for t in STAGE_REPLIES}}
         try:
-            while True:
-                m = await link.recv()
-                live.last_seen = time.time()
-                waiter = live.waiters.get(m.request_id) if m.message_type in _STAGE_REPLIES else None
-                if waiter is not None:
-                    if not waiter.done():
-                        waiter.set_result(m)
-                elif m.message_type == "heartbeat":
-                    live.resources = dict(m.payload["resources"])
-                    if m.payload["config_version"] < net.signed.version:
-                        await self._push_config(net, link)
-                    elif m.payload["config_version"] == net.signed.version:
-                        live.acked_version = net.signed.version
-                elif m.message_type == "config_ack":
-                    live.acked_version = m.payload["version"]
-                    self.events.write("config_acked", network=net.network_id, node=node_id,
-                                      version=m.payload["version"])
-                elif m.message_type == "leave":
-                    await self._remove_member(net, node_id, reason="left")
-                    return
-                elif m.message_type == "error":
-                    log.info("member %s reported an error: %s", node_id, m.payload["message"])
-                else:
-                    await link.send_error(protocol.UnexpectedMessage(
-                        f"{m.message_type} is not expected on a member link", request_id=m.request_id))
+            await Dispatcher("a member link", handlers, on_error=error, on_message=seen).serve(link)
         finally:
             if live.link is link:
                 live.link = None
@@ -607,13 +528,13 @@ class Daemon:
 
     async def _serve_peer(self, net: Network, link: Link) -> None:
         """Worker side: a member connecting to this worker's own port (status, later inference)."""
-        while True:
-            m = await link.recv()
-            if m.message_type == "status_request":
-                await link.reply(m, "status_response", self._status(net))
-            elif m.message_type != "error":
-                await link.send_error(protocol.UnexpectedMessage(
-                    f"{m.message_type} is not served by this worker yet", request_id=m.request_id))
+        async def status(m: Message) -> None:
+            await link.reply(m, "status_response", self._status(net))
+
+        async def ignore(m: Message) -> None:
+            return None
+
+        await Dispatcher("this worker's own port", {"status_request": status}, on_error=ignore).serve(link)
 
     def _status(self, net: Network) -> dict:
         host = net.stage_host
@@ -621,25 +542,30 @@ class Daemon:
         return {"node_id": self.node_id, "role": net.creds.role, "version": "argus-worker",
                 "config_version": net.signed.version, "resources": self.resources(),
                 "block_range": protocol.block_range_to_wire(r) if r is not None else None,
-                "sessions": len(host.memory_sessions()) if host is not None and hasattr(host, "memory_sessions") else 0}
+                "sessions": len(host.memory_sessions()) if host is not None else 0}
 
-    def _stage_host(self, net: Network) -> Any:
+    def _stage_host(self, net: Network) -> StageHost:
         """This node's StageHost for ``net`` (made on first use; its key is per network, 0600)."""
         if net.stage_host is None:
-            from worker.crypto_at_rest import load_or_create_key
-            from worker.stage_host import StageHost
-
             key = load_or_create_key(net.dir / "blocks.key")
             net.stage_host = StageHost(_private_dir(net.dir / "stage"), net.network_id, key)
         return net.stage_host
 
-    def _cluster(self, net: Network) -> Any:
-        """The admin's Cluster for ``net`` (made on first use)."""
-        if net.cluster is None:
-            from worker.cluster import Cluster
+    def _distribution(self, net: Network) -> Distribution:
+        """The admin's placement and block distribution for ``net`` (made on first use)."""
+        self._admin_parts(net)
+        return net.distribution
 
-            net.cluster = Cluster(self, net, self._stage_host(net))
-        return net.cluster
+    def _inference(self, net: Network) -> NetworkInference:
+        """The admin's generation and sessions for ``net`` (made on first use)."""
+        self._admin_parts(net)
+        return net.inference
+
+    def _admin_parts(self, net: Network) -> None:
+        if net.distribution is None:
+            model = NetworkModel(self.model_path)
+            net.distribution = Distribution(net, model, self._stage_host(net))
+            net.inference = NetworkInference(net, model, net.distribution)
 
     async def _remove_member(self, net: Network, node_id: str, *, reason: str) -> SignedConfig:
         member = net.config["members"].get(node_id)
@@ -653,8 +579,7 @@ class Daemon:
             del config["members"][node_id]
             config["crl_pem"] = pki.pem(crl).decode("ascii")
 
-        async with self._lock:
-            signed = await self._commit(net, drop, "member_removed", member=node_id, reason=reason)
+        signed = await net.commit(drop, "member_removed", member=node_id, reason=reason)
         live = net.members_live.pop(node_id, None)
         if live is not None and live.link is not None:
             try:
@@ -689,7 +614,7 @@ class Daemon:
                     break
                 log.warning("network %s: admin refused the link: %s", net.network_id, e)
             except (OSError, LinkClosed, InvalidHandshake, asyncio.TimeoutError, pki.PKIError) as e:
-                if _mentions_revocation(e):  # the admin's TLS layer refused our (revoked) certificate
+                if mentions_revocation(e):  # the admin's TLS layer refused our (revoked) certificate
                     self._mark_removed(net, f"the admin refused this node's certificate: {e}")
                     break
                 log.info("network %s: admin at %s unreachable: %s", net.network_id, admin["address"], e)
@@ -707,24 +632,30 @@ class Daemon:
                 await link.send_new("heartbeat", {"resources": self.resources(), "config_version": net.signed.version})
                 await asyncio.sleep(self.heartbeat_s)
 
+        async def config_update(m: Message) -> None:
+            await self._apply_update(net, link, m)
+
+        async def member_remove(m: Message) -> object:
+            if m.payload["node_id"] != self.node_id:
+                return None
+            self._mark_removed(net, "the admin removed this node")
+            return STOP
+
+        async def status(m: Message) -> None:
+            await link.reply(m, "status_response", self._status(net))
+
+        async def error(m: Message) -> object:
+            if m.payload["code"] == "not_authorized":
+                self._mark_removed(net, m.payload["message"])
+                return STOP
+            log.info("admin reported: %s", m.payload["message"])
+            return None
+
+        handlers = {**self._stage_host(net).handlers(link), "config_update": config_update,
+                    "member_remove": member_remove, "status_request": status}
         beat = asyncio.ensure_future(heartbeats())
         try:
-            while True:
-                m = await link.recv()
-                if m.message_type == "config_update":
-                    await self._apply_update(net, link, m)
-                elif m.message_type == "member_remove" and m.payload["node_id"] == self.node_id:
-                    self._mark_removed(net, "the admin removed this node")
-                    return
-                elif m.message_type == "status_request":
-                    await link.reply(m, "status_response", self._status(net))
-                elif await self._stage_host(net).handle(link, m):
-                    pass
-                elif m.message_type == "error":
-                    if m.payload["code"] == "not_authorized":
-                        self._mark_removed(net, m.payload["message"])
-                        return
-                    log.info("admin reported: %s", m.payload["message"])
+            await Dispatcher("the link to the admin", handlers, on_error=error).serve(link)
         finally:
             beat.cancel()
 
@@ -764,27 +695,33 @@ class Daemon:
                 await link.send_error(NotAuthorized("only a control client may use this endpoint"))
                 return
             generations: dict[str, asyncio.Event] = {}
-            while True:
-                m = await link.recv()
-                if m.message_type == "inference_request":
-                    cancel = generations.setdefault(m.session_id, asyncio.Event())
-                    self._spawn(self._serve_inference(link, m, cancel, generations), f"inference-{m.session_id}")
-                    continue
-                if m.message_type == "inference_cancel":
-                    if m.session_id in generations:
-                        generations[m.session_id].set()
-                    continue
-                if m.message_type != "control":
-                    continue
+
+            async def inference_request(m: Message) -> None:
+                cancel = generations.setdefault(m.session_id, asyncio.Event())
+                self._spawn(self._serve_inference(link, m, cancel, generations), f"inference-{m.session_id}")
+
+            async def inference_cancel(m: Message) -> None:
+                if m.session_id in generations:
+                    generations[m.session_id].set()
+
+            async def control(m: Message) -> None:
                 try:
                     result = await self.command(m.payload["command"], m.payload["args"])
-                    await link.reply(m, "control_result", {"result": result})
-                except ProtocolError as e:
-                    await link.send_error(e, m.request_id)
+                except ProtocolError:
+                    raise  # the dispatcher answers it
                 except Exception as e:
                     log.exception("control command %s failed", m.payload["command"])
                     self.events.write("error", node=self.node_id, what=m.payload["command"], message=str(e))
                     await link.send_error(e, m.request_id)
+                    return
+                await link.reply(m, "control_result", {"result": result})
+
+            async def ignore(m: Message) -> None:
+                return None
+
+            handlers = {"inference_request": inference_request, "inference_cancel": inference_cancel,
+                        "control": control}
+            await Dispatcher("the control endpoint", handlers, on_error=ignore).serve(link)
         except LinkClosed:
             pass
         finally:
@@ -794,8 +731,6 @@ class Daemon:
                                generations: dict[str, asyncio.Event]) -> None:
         """Answer one inference_request from the control link with streamed inference_response
         messages (or one error), running it on the network the session id names."""
-        from worker.cluster import split_session_id
-
         async def emit(payload: dict) -> None:
             await link.reply(m, "inference_response", payload)
 
@@ -803,8 +738,8 @@ class Daemon:
             network_id, _ = split_session_id(m.session_id)
             net = self._net(network_id, admin=True)
             p = m.payload
-            await self._cluster(net).generate(m.session_id, list(p["input_ids"]), p["max_length"], p["sampling"],
-                                              emit, cancel)
+            await self._inference(net).generate(m.session_id, list(p["input_ids"]), p["max_length"], p["sampling"],
+                                                emit, cancel)
         except LinkClosed:
             cancel.set()
         except ProtocolError as e:
@@ -823,10 +758,10 @@ class Daemon:
         Raises ProtocolError subclasses with a sentence for the user: NotFound,
         Conflict, InvalidPayload, NotAuthorized.
         """
-        handler = getattr(self, f"cmd_{name}", None)
+        handler = COMMANDS.get(name)
         if handler is None:
             raise protocol.UnknownMessageType(f"control command {name} is not implemented")
-        return await handler(**args)
+        return await handler(self, **args)
 
     def _net(self, network_id: str, *, admin: bool = False) -> Network:
         net = self.networks.get(network_id)
@@ -862,7 +797,7 @@ class Daemon:
         crl = pki.new_crl(ca_key, ca_cert)
         creds = Credentials(network_id, self.node_id, "admin", cert, node_key, ca_cert)
         # bind first, so the config names the port really served
-        probe = Network(d, netconfig.sign(ca_key, network_id, 1, {"network_id": network_id, "members": {},
+        probe = Network(self.node, d, netconfig.sign(ca_key, network_id, 1, {"network_id": network_id, "members": {},
                         "admin": {"address": _address(self.advertise_host, port or 0)}, "crl_pem": pki.pem(crl).decode()}),
                         creds, ca_key=ca_key)
         await self._start_network(probe, port=port or 0)
@@ -891,10 +826,8 @@ class Daemon:
         return {"network": self._summary(probe)}
 
     def _model_facts(self) -> tuple[str, int]:
-        from worker.engine.gguf_file import ModelFile, default_model_path
-
         try:
-            mf = ModelFile(self.model_path or default_model_path())
+            mf = ModelFile(NetworkModel(self.model_path).path)
         except Exception as e:  # ModelLoadError and friends: say it plainly
             raise Conflict(f"this node cannot read its model file, so it cannot create a network: {e}") from None
         return mf.model_id, mf.config.n_block
@@ -921,8 +854,7 @@ class Daemon:
         if auto_approve is not None:
             def setter(config: dict) -> None:
                 config["auto_approve"] = bool(auto_approve)
-            async with self._lock:
-                await self._commit(net, setter, "auto_approve", value=bool(auto_approve))
+            await net.commit(setter, "auto_approve", value=bool(auto_approve))
         return {"network": self._summary(net)}
 
     async def cmd_network_discover(self, timeout_ms: Optional[int]) -> dict:
@@ -947,8 +879,7 @@ class Daemon:
             else:
                 live = net.members_live.get(node_id, MemberLive())
                 res, seen, acked = live.resources, live.last_seen, live.acked_version
-                fresh = seen is not None and now - seen < self.heartbeat_s * OFFLINE_AFTER_HEARTBEATS
-                state = "online" if live.link is not None and fresh else "offline"
+                state = "online" if net.member_online(node_id, now) else "offline"
             workers.append({"node_id": node_id, "role": member["role"], "state": state,
                             "address": member.get("address"), "resources": res,
                             "allocation": member.get("allocation"), "config_version": acked, "last_seen": seen})
@@ -991,24 +922,25 @@ class Daemon:
         def setter(config: dict) -> None:
             config["members"][node_id]["allocation"] = new.to_wire()
 
-        async with self._lock:
-            signed = await self._commit(net, setter, "allocation", member=node_id, allocation=new.to_wire())
+        signed = await net.commit(setter, "allocation", member=node_id, allocation=new.to_wire())
         return {"node_id": node_id, "allocation": new.to_wire(), "config_version": signed.version}
 
     async def cmd_placement_plan(self, network_id: str) -> dict:
-        return await self._cluster(self._net(network_id, admin=True)).cmd_plan()
+        return await self._distribution(self._net(network_id, admin=True)).plan()
 
     async def cmd_placement_apply(self, network_id: str) -> dict:
-        return await self._cluster(self._net(network_id, admin=True)).cmd_apply()
+        return await self._distribution(self._net(network_id, admin=True)).apply()
 
     async def cmd_distribution_status(self, network_id: str) -> dict:
-        return self._cluster(self._net(network_id, admin=True)).cmd_status()
+        net = self._net(network_id, admin=True)
+        batcher = self._inference(net).batcher
+        return {**self._distribution(net).status(), "decode_passes": batcher.passes, "decode_rows": batcher.rows}
 
     async def cmd_sessions_list(self, network_id: str) -> dict:
-        return await self._cluster(self._net(network_id, admin=True)).cmd_sessions()
+        return await self._inference(self._net(network_id, admin=True)).sessions()
 
     async def cmd_session_drop(self, network_id: str, session_id: str) -> dict:
-        return await self._cluster(self._net(network_id, admin=True)).cmd_session_drop(session_id)
+        return await self._inference(self._net(network_id, admin=True)).drop_session(session_id)
 
     async def cmd_worker_remove(self, network_id: str, node_id: str) -> dict:
         net = self._net(network_id, admin=True)
@@ -1159,7 +1091,7 @@ class Daemon:
         pki.save_private_key(d / "node.key", key)
         pki.save_certificate(d / "node.pem", cert)
         netconfig.save(self.data_dir, signed)
-        net = Network(d, signed, Credentials(network_id, self.node_id, ident.role, cert, key, ca_cert))
+        net = Network(self.node, d, signed, Credentials(network_id, self.node_id, ident.role, cert, key, ca_cert))
         net.creds.crl_source = lambda n=net: n.crl
         self.networks[network_id] = net
         await self._start_network(net, port=port)
@@ -1167,7 +1099,32 @@ class Daemon:
                           config_version=signed.version)
 
 
-def _mentions_revocation(exc: BaseException) -> bool:
+#: Control command name -> its handler, a Daemon method called with the command's validated
+#: arguments (``protocol.CONTROL_COMMANDS`` holds their schemas; a test keeps the two in step).
+COMMANDS: dict[str, Callable[..., Awaitable[dict]]] = {
+    "network_create": Daemon.cmd_network_create,
+    "network_list": Daemon.cmd_network_list,
+    "network_status": Daemon.cmd_network_status,
+    "network_set": Daemon.cmd_network_set,
+    "network_discover": Daemon.cmd_network_discover,
+    "network_join": Daemon.cmd_network_join,
+    "network_leave": Daemon.cmd_network_leave,
+    "token_issue": Daemon.cmd_token_issue,
+    "workers_list": Daemon.cmd_workers_list,
+    "worker_approve": Daemon.cmd_worker_approve,
+    "worker_reject": Daemon.cmd_worker_reject,
+    "worker_allocate": Daemon.cmd_worker_allocate,
+    "worker_remove": Daemon.cmd_worker_remove,
+    "placement_plan": Daemon.cmd_placement_plan,
+    "placement_apply": Daemon.cmd_placement_apply,
+    "distribution_status": Daemon.cmd_distribution_status,
+    "sessions_list": Daemon.cmd_sessions_list,
+    "session_drop": Daemon.cmd_session_drop,
+    "events": Daemon.cmd_events,
+}
+
+
+def mentions_revocation(exc: BaseException) -> bool:
     """True when ``exc`` or its causes report a revoked certificate (TLS alert 44,
     certificate_revoked, RFC 8446 §6.2), as OpenSSL words it."""
     seen = 0
@@ -1191,4 +1148,4 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["DEFAULT_HEARTBEAT_S", "Daemon", "JOIN_WAIT_S", "Network"]
+__all__ = ["COMMANDS", "DEFAULT_HEARTBEAT_S", "Daemon", "JOIN_WAIT_S", "Network", "mentions_revocation"]

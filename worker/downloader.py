@@ -51,7 +51,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
-from worker.resources import format_bytes
+from worker.protocol.units import format_bytes
 
 MiB = 2**20
 PARTIAL_SUFFIX = ".partial"

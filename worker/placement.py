@@ -71,13 +71,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from worker.engine.block_range import BlockRange
-from worker.resources import format_bytes
-
-if TYPE_CHECKING:
-    from worker.engine.gguf_file import ModelFile
+from worker.engine.gguf_file import ModelFile, ModelLoadError
+from worker.protocol.units import format_bytes
 
 F32_BYTES = 4
 #: The tensors of one block, as ``stage.load_block`` loads them (``blk.<i>.<name>.weight``).
@@ -177,8 +175,6 @@ class ModelShape:
         ``context_tokens`` defaults to the model's context length. Raises ModelLoadError
         when a block tensor is missing.
         """
-        from worker.engine.gguf_file import ModelLoadError
-
         cfg = mf.config
         tensors = {t.name: int(t.n_elements) for t in mf.reader.tensors}
 

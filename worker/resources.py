@@ -12,7 +12,7 @@ Units
 Sizes are bytes (ints). Size text uses binary units only: ``K``, ``M``, ``G``, ``T``
 mean KiB, MiB, GiB, TiB (2^10, 2^20, 2^30, 2^40 bytes), with or without ``B``/``iB``
 (``2G`` = ``2GB`` = ``2GiB`` = 2147483648). RAM is sold and reported in binary units,
-so a decimal reading of ``GB`` would only surprise; ``format_bytes`` prints IEC names
+so a decimal reading of ``GB`` would only surprise; ``worker.protocol.units.format_bytes`` prints IEC names
 (``1.5 GiB``) so what is shown parses back to the same value. CPU share is a fraction
 of the machine's logical CPUs in (0, 1]; as text ``50%`` or ``0.5``.
 
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from worker.pki import atomic_write
+from worker.protocol.units import format_bytes
 
 if TYPE_CHECKING:  # importing worker.engine loads the tokenizer stack
     from worker.engine import LocalModel
@@ -46,7 +47,6 @@ DEFAULT_CPU_SHARE = 0.5
 DEFAULT_RAM_FRACTION = 0.5  # of ram_total
 DEFAULT_DISK_FRACTION = 0.25  # of disk_free
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _ALLOCATION_KEYS = ("cpu", "ram", "disk")
@@ -183,21 +183,6 @@ def cached_speed(data_dir: Path, model_id: str | None = None) -> float | None:
 
 
 # --- sizes ---------------------------------------------------------------------------
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes in IEC units with at most one decimal: 512 -> "512 B",
-    1536 -> "1.5 KiB", 2**31 -> "2 GiB". Raises ValueError for n < 0."""
-    if n < 0:
-        raise ValueError(f"a size cannot be negative, got {n}")
-    if n < 1024:
-        return f"{int(n)} B"
-    power = min(int(math.log(n, 1024)), len(_UNITS) - 1)
-    value = round(n / 1024**power, 1)
-    if value >= 1024 and power < len(_UNITS) - 1:  # 1023.96 MiB rounds to 1 GiB, not "1024 MiB"
-        power, value = power + 1, round(n / 1024 ** (power + 1), 1)
-    text = f"{value:.1f}".removesuffix(".0")
-    return f"{text} {_UNITS[power]}"
 
 
 def parse_size(text: str) -> int:
@@ -355,6 +340,6 @@ def _parse_field(key: str, fields: Mapping[str, str]) -> int:
 
 
 __all__ = [
-    "Allocation", "AllocationError", "cached_speed", "default_allocation", "format_bytes", "measure_speed",
+    "Allocation", "AllocationError", "cached_speed", "default_allocation", "measure_speed",
     "parse_allocation", "parse_cpu_share", "parse_size", "save_speed", "snapshot",
 ]

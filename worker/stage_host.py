@@ -41,6 +41,7 @@ Unix seconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -49,7 +50,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 
@@ -61,7 +62,10 @@ from worker.engine.paged_kv import (
     DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SUFFIX, SessionFileError, SessionPagedKVCache, SessionStore, read_header,
 )
 from worker.engine.block_range import BlockRange
+from worker.engine.gguf_file import ModelFile, ModelLoadError
+from worker.engine.shardfile import ShardFile
 from worker.engine.stage import Stage
+from worker.link import LinkClosed
 from worker.protocol import Message, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -181,8 +185,6 @@ class StageHost:
 
     def _model_file(self, model: Union[str, os.PathLike, Any]) -> Any:
         """``model`` if it is an open ModelFile, else the file at that path (reused while unchanged)."""
-        from worker.engine.gguf_file import ModelFile, ModelLoadError
-
         if isinstance(model, ModelFile):
             return model
         real = os.path.realpath(model)
@@ -205,8 +207,6 @@ class StageHost:
         missing or damaged, ModelLoadError / ValueError if its contents are not a usable shard
         of the range recorded with it.
         """
-        from worker.engine.shardfile import ShardFile
-
         sha = shard_sha256.lower()
 
         def build() -> tuple[Stage, SessionStore]:
@@ -452,6 +452,11 @@ class StageHost:
                      sid, cache.nbytes / 2**20, self.max_memory_bytes / 2**20)
 
     # --- the link adapter ----------------------------------------------------------------
+    def handlers(self, link: Any) -> dict[str, Callable[[Message], Awaitable[bool]]]:
+        """Message type -> handler answering it on ``link`` (``handle``), one per stage message,
+        for the link's ``worker.dispatch.Dispatcher``."""
+        return {message_type: functools.partial(self.handle, link) for message_type in self._HANDLERS}
+
     async def handle(self, link: Any, m: Message) -> bool:
         """Answer one stage message that arrived on ``link``; False if ``m``'s type is not one of
         forward, session_query, session_save, session_drop, sessions_request, blocks_offer,
@@ -469,8 +474,6 @@ class StageHost:
         try:
             await handler(self, link, m)
         except Exception as e:  # the edge: every failure becomes an error reply
-            from worker.link import LinkClosed
-
             if isinstance(e, LinkClosed):
                 raise
             await link.send_error(self._protocol_error(e, m), request_id=m.request_id)

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import random
 import ssl
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from tests.support.daemons import HEARTBEAT_S, start_daemon, wait_for
 from worker import netconfig, pki, protocol
 from worker.control import ControlError, ControlFiles
-from worker.daemon import _mentions_revocation
+from worker.daemon import mentions_revocation
 from worker.link import Credentials, HandshakeFailed, Link, open_link
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.e2e  # every test here starts processes
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
+    root = tmp_path_factory.mktemp("network")
     admin = start_daemon(root / "admin", "admin", extra=("--measure-speed",))
     w1 = start_daemon(root / "w1", "w1", discovery_targets=f"127.0.0.1:{admin.discovery}")
     w2 = start_daemon(root / "w2", "w2")
@@ -184,7 +185,7 @@ async def test_admin_creates_network_two_workers_join_and_config_versions_propag
     # after the restart the revoked certificate is still refused, with the reason in words
     with pytest.raises(HandshakeFailed, match="revoked") as refusal:
         await _member_link(_admin_address(restarted, nid), w2_creds, admin.node_id)
-    assert _mentions_revocation(refusal.value)  # what the worker's daemon reads to stop retrying
+    assert mentions_revocation(refusal.value)  # what the worker's daemon reads to stop retrying
 
     # w1 leaves: the admin drops it from the member list
     await w1.call("network_leave", network_id=nid)
@@ -253,7 +254,10 @@ async def test_peer_without_certificate_may_only_ask_to_join(procs, network):
 def _raw_client_ctx(cert, key) -> ssl.SSLContext:
     """A TLS 1.3 client presenting ``cert`` without checking the server (to test the server's refusal)."""
     ctx = pki.joiner_context()
-    pki._load_identity(ctx, pki._as_cert(cert), key)
+    with tempfile.TemporaryDirectory() as d:
+        pki.save_certificate(Path(d) / "node.pem", cert)
+        pki.save_private_key(Path(d) / "node.key", key)
+        ctx.load_cert_chain(Path(d) / "node.pem", Path(d) / "node.key")
     return ctx
 
 

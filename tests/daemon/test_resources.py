@@ -13,12 +13,12 @@ import pytest
 
 from worker.engine import ModelLoadError
 from worker.protocol import FlatObject
+from worker.protocol.units import format_bytes
 from worker.resources import (
     Allocation,
     AllocationError,
     cached_speed,
     default_allocation,
-    format_bytes,
     measure_speed,
     parse_allocation,
     parse_cpu_share,
