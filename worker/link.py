@@ -1,9 +1,9 @@
 """One authenticated WebSocket link: framing, the opening handshake, errors (the I/O side).
 
-``worker/protocol.py`` says what may be sent and in which order; this module
+``worker.protocol`` says what may be sent and in which order; this module
 does the sending over a ``websockets`` asyncio connection (websockets ≥ 13,
 ``websockets.asyncio``), like that library keeps its ``asyncio/connection.py``
-apart from its sans-I/O ``protocol.py``.
+apart from its sans-I/O ``worker/protocol/`` package.
 
 Opening of a member (or control) link, after the TLS 1.3 handshake in which
 both ends presented certificates of the same CA (``worker/pki.py``)::

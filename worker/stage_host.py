@@ -1,5 +1,5 @@
 """The stage host: this node's part of the model on one network, its KV sessions, and the
-stage messages of ``worker/protocol.py`` that drive them.
+stage messages of ``worker.protocol`` that drive them.
 
 One ``StageHost`` per network per node. It holds at most one
 ``worker.engine.stage.Stage`` (the blocks this node runs), built either from
