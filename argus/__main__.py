@@ -11,11 +11,11 @@ import argparse
 import getpass
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
 from argus.auth import Authenticator, SignupError
+from argus.commands.base import format_time
 from argus.config import ConfigError, Settings
 from argus.store import StoreError, open_store
 
@@ -61,8 +61,7 @@ def _users_list(args: argparse.Namespace) -> None:
         return
     width = max(len(u.email) for u in users)
     for u in users:
-        created = datetime.fromtimestamp(u.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        print(f"{u.email:<{width}}  {u.role:<5}  {created}  {u.name}")
+        print(f"{u.email:<{width}}  {u.role:<5}  {format_time(u.created_at)}  {u.name}")
 
 
 def _store_migrate(args: argparse.Namespace) -> None:

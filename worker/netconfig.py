@@ -73,7 +73,7 @@ class SignedConfig:
         """Raise ConfigInvalid unless the CA signed exactly this network, version and config."""
         if self.config.get("network_id") != self.network_id:
             raise ConfigInvalid("the config names another network than its envelope")
-        if pki.network_of(pki._as_cert(ca_cert)) != self.network_id:
+        if pki.network_of(pki.as_cert(ca_cert)) != self.network_id:
             raise ConfigInvalid(f"the config is for network {self.network_id}, not this CA's")
         data = protocol.config_signed_bytes(self.network_id, self.version, self.config)
         if not pki.verify_data(ca_cert, self.signature, data):

@@ -174,7 +174,9 @@ def _name_attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
     return values[0].value if len(values) == 1 else None
 
 
-def _as_cert(cert: CertLike) -> x509.Certificate:
+def as_cert(cert: CertLike) -> x509.Certificate:
+    """A certificate from a PEM string/bytes or an ``x509.Certificate`` (returned as is);
+    raises ValueError for text that is not a PEM certificate."""
     if isinstance(cert, x509.Certificate):
         return cert
     data = cert.encode("ascii") if isinstance(cert, str) else cert
@@ -198,7 +200,7 @@ def pem(obj: x509.Certificate | x509.CertificateRevocationList | x509.Certificat
 
 def certificate_fingerprint(cert: CertLike) -> str:
     """SHA-256 of the certificate's DER encoding, 64 lowercase hex characters."""
-    return _as_cert(cert).fingerprint(hashes.SHA256()).hex()
+    return as_cert(cert).fingerprint(hashes.SHA256()).hex()
 
 
 def ca_fingerprint(cert: CertLike) -> str:
@@ -208,7 +210,7 @@ def ca_fingerprint(cert: CertLike) -> str:
 
 def network_of(ca_cert: CertLike) -> str:
     """The network id a CA certificate is for (its subject O)."""
-    network_id = _name_attr(_as_cert(ca_cert).subject, NameOID.ORGANIZATION_NAME)
+    network_id = _name_attr(as_cert(ca_cert).subject, NameOID.ORGANIZATION_NAME)
     if network_id is None:
         raise PKIError("CA certificate has no single O (network id) in its subject")
     return network_id
@@ -346,7 +348,7 @@ def sign_node_certificate(
     Raises InvalidCSR (bad PEM or signature, not P-256, CN/O not ``node_id``/the CA's
     network) and ValueError (malformed node id, unknown role, validity_days < 1).
     """
-    ca_cert = _as_cert(ca_cert)
+    ca_cert = as_cert(ca_cert)
     network_id = network_of(ca_cert)
     _check_id("node id", node_id)
     _check_role(role)
@@ -390,7 +392,7 @@ def node_identity(cert: CertLike) -> NodeIdentity:
     OU, the OU is not a known role, or the SAN URI does not repeat the CN.
     It checks no signature: callers pair it with TLS verification or ``peer_identity``.
     """
-    cert = _as_cert(cert)
+    cert = as_cert(cert)
     node_id = _name_attr(cert.subject, NameOID.COMMON_NAME)
     network_id = _name_attr(cert.subject, NameOID.ORGANIZATION_NAME)
     role = _name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
@@ -444,7 +446,7 @@ def new_crl(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: CertLike, validity_days: int = CRL_VALIDITY_DAYS
 ) -> x509.CertificateRevocationList:
     """An empty CRL (RFC 5280 §5) signed by the CA, CRL number 1, valid ``validity_days`` days."""
-    return _issue_crl(ca_key, _as_cert(ca_cert), [], 1, validity_days)
+    return _issue_crl(ca_key, as_cert(ca_cert), [], 1, validity_days)
 
 
 def verify_crl(crl: CrlLike, ca_cert: CertLike) -> x509.CertificateRevocationList:
@@ -453,7 +455,7 @@ def verify_crl(crl: CrlLike, ca_cert: CertLike) -> x509.CertificateRevocationLis
     Raises InvalidCRL on bad PEM, another issuer name, or a signature that does not
     verify with the CA's public key.
     """
-    crl, ca_cert = _as_crl(crl), _as_cert(ca_cert)
+    crl, ca_cert = _as_crl(crl), as_cert(ca_cert)
     if crl.issuer != ca_cert.subject:
         raise InvalidCRL(f"CRL issuer {crl.issuer.rfc4514_string()!r} is not the network CA")
     if not crl.is_signature_valid(ca_cert.public_key()):
@@ -473,7 +475,7 @@ def revoke(
     Revoking a serial twice keeps its first revocation date. Raises InvalidCRL if
     ``crl`` is not signed by this CA.
     """
-    ca_cert = _as_cert(ca_cert)
+    ca_cert = as_cert(ca_cert)
     old = verify_crl(crl, ca_cert) if crl is not None else None
     entries = list(old) if old is not None else []
     if all(e.serial_number != serial for e in entries):
@@ -491,7 +493,7 @@ def refresh_crl(
 
     Raises InvalidCRL if ``crl`` is not signed by this CA.
     """
-    ca_cert = _as_cert(ca_cert)
+    ca_cert = as_cert(ca_cert)
     old = verify_crl(crl, ca_cert)
     return _issue_crl(ca_key, ca_cert, list(old), _crl_number(old) + 1, validity_days)
 
@@ -504,7 +506,7 @@ def is_revoked(crl: CrlLike, cert: CertLike, ca_cert: CertLike | None = None) ->
     Raises InvalidCRL if the CRL's issuer is not the certificate's issuer.
     """
     crl = verify_crl(crl, ca_cert) if ca_cert is not None else _as_crl(crl)
-    cert = _as_cert(cert)
+    cert = as_cert(cert)
     if crl.issuer != cert.issuer:
         raise InvalidCRL("CRL and certificate have different issuers")
     return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
@@ -636,7 +638,7 @@ def verify_join_token(token: str, ca_cert: CertLike) -> JoinClaims:
     TokenInvalid when malformed, signed by another key, or naming another CA.
     """
     signed, claims, signature = _split_token(token)
-    ca_cert = _as_cert(ca_cert)
+    ca_cert = as_cert(ca_cert)
     if not _verify_raw(ca_cert.public_key(), signature, signed.encode("ascii")):
         raise TokenInvalid("join token signature does not verify with this network's CA key")
     if claims.ca_fingerprint != ca_fingerprint(ca_cert) or claims.network_id != network_of(ca_cert):
@@ -657,7 +659,7 @@ class TokenRegistry:
 
     def __init__(self, path: PathLike, ca_cert: CertLike) -> None:
         self.path = Path(path)
-        self.ca_cert = _as_cert(ca_cert)
+        self.ca_cert = as_cert(ca_cert)
         self._lock = threading.Lock()
         self._used: dict[str, int] = self._load()
 
@@ -800,7 +802,7 @@ def verify_challenge(
     if len(nonce) != CHALLENGE_BYTES:
         raise ChallengeFailed(f"challenge nonce must be {CHALLENGE_BYTES} bytes")
     try:
-        _as_cert(peer_cert).public_key().verify(signature, _challenge_message(nonce, context), _ECDSA)
+        as_cert(peer_cert).public_key().verify(signature, _challenge_message(nonce, context), _ECDSA)
     except (InvalidSignature, ValueError) as e:
         raise ChallengeFailed("challenge signature does not verify with the peer certificate") from e
     if nonce_cache is not None:
@@ -884,7 +886,7 @@ def load_private_key(path: PathLike, passphrase: bytes | None = None) -> ec.Elli
 
 def save_certificate(path: PathLike, cert: CertLike) -> None:
     """Write a certificate as PEM to ``path`` atomically, mode 0644."""
-    atomic_write(path, pem(_as_cert(cert)), mode=0o644)
+    atomic_write(path, pem(as_cert(cert)), mode=0o644)
 
 
 def load_certificate(path: PathLike) -> x509.Certificate:
@@ -961,7 +963,7 @@ def _configure(
     ca_pem: CertLike, crl: CrlLike | None,
 ) -> ssl.SSLContext:
     """TLS 1.3 only, peer certificate required, the network CA as the only trust anchor."""
-    ca_cert, cert = _single_ca(ca_pem), _as_cert(cert_pem)
+    ca_cert, cert = _single_ca(ca_pem), as_cert(cert_pem)
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as e:
@@ -1055,7 +1057,7 @@ def sign_data(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
 def verify_data(cert_or_key: CertLike | ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
     """True when ``signature`` (r||s, 64 bytes) over ``data`` verifies with the key of
     ``cert_or_key`` (a certificate or a public key)."""
-    key = cert_or_key if isinstance(cert_or_key, ec.EllipticCurvePublicKey) else _as_cert(cert_or_key).public_key()
+    key = cert_or_key if isinstance(cert_or_key, ec.EllipticCurvePublicKey) else as_cert(cert_or_key).public_key()
     return _verify_raw(key, signature, data)
 
 
@@ -1083,7 +1085,7 @@ def peer_identity(
         raise NotAuthenticated("peer presented no certificate")
     cert = x509.load_der_x509_certificate(der)
     if ca_cert is not None:
-        ca_cert = _as_cert(ca_cert)
+        ca_cert = as_cert(ca_cert)
         _check_issued_and_current(cert, ca_cert)
         expected_network_id = expected_network_id or network_of(ca_cert)
     identity = node_identity(cert)

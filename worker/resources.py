@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from worker.pki import atomic_write
+from worker.protocol import units
 from worker.protocol.units import format_bytes
 
 if TYPE_CHECKING:  # importing worker.engine loads the tokenizer stack
@@ -47,8 +48,6 @@ DEFAULT_CPU_SHARE = 0.5
 DEFAULT_RAM_FRACTION = 0.5  # of ram_total
 DEFAULT_DISK_FRACTION = 0.25  # of disk_free
 
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _ALLOCATION_KEYS = ("cpu", "ram", "disk")
 
 
@@ -186,18 +185,12 @@ def cached_speed(data_dir: Path, model_id: str | None = None) -> float | None:
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``text``: ``2000000000``, ``512M``, ``2G``, ``2GB``, ``1.5GiB``, ``10 KiB``.
-
-    Units are binary (K = 1024, see the module docstring); case-insensitive; a number
-    without a unit is bytes and must be whole. Raises AllocationError otherwise.
-    """
-    m = _SIZE_RE.fullmatch(text.strip())
-    if m is None:
-        raise AllocationError(f"{text!r} is not a size; write bytes or a number with K, M, G or T (binary: 1G = 1024 MiB), e.g. 2G or 512M")
-    number, unit = m.group(1), m.group(2).lower()
-    if not unit and "." in number:
-        raise AllocationError(f"{text!r} has a fraction of a byte; add a unit (e.g. 1.5G) or give whole bytes")
-    return round(float(number) * 1024 ** _SIZE_POWERS[unit])
+    """Bytes in ``text`` (:func:`worker.protocol.units.parse_size`); raises AllocationError
+    with its sentence otherwise."""
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise AllocationError(str(e)) from None
 
 
 def parse_cpu_share(text: str) -> float:

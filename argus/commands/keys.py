@@ -12,6 +12,7 @@ from collections import defaultdict
 from argus.commands.base import ADMIN_ONLY, Command, CommandContext, CommandUsageError, escape_md
 from argus.keys.pool import KeyPool, KeyPoolError, quota_day, utc_day
 from argus.store.base import ApiKeyRecord, KeyExists, NotFound
+from worker.protocol.units import format_duration
 
 #: Days ``/keys usage`` covers unless told otherwise, and at most.
 USAGE_DAYS = 7
@@ -35,15 +36,6 @@ def conceals(args: str) -> bool:
     return (words[0].lower() if words else "") not in _PLAIN
 
 
-def _when(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
 def _today(pool: KeyPool, rec: ApiKeyRecord, now: float) -> tuple[int, int]:
     """(requests, tokens) of ``rec`` on its provider's current quota day, over all models."""
     zone = next((m.day_resets for m in pool.catalogue.models if m.provider == rec.provider), "UTC")
@@ -55,7 +47,7 @@ def _today(pool: KeyPool, rec: ApiKeyRecord, now: float) -> tuple[int, int]:
 def _state(pool: KeyPool, rec: ApiKeyRecord, now: float) -> str:
     state = rec.state
     if rec.state == "enabled" and rec.cooldown_until > now:
-        state = f"cooling down ({_when(rec.cooldown_until - now)})"
+        state = f"cooling down ({format_duration(rec.cooldown_until - now)})"
     if rec.source == "env" and not pool.in_environment(rec.id):
         state += ", not in this server's environment"
     return state

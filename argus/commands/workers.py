@@ -34,6 +34,7 @@ from argus.commands.network import (
     network_in_use,
     table,
 )
+from worker.protocol import units
 from worker.protocol.units import MiB, format_ago, format_bytes, format_mib, format_share
 
 #: Seconds a ``/workers remove`` waits for its ``confirm``.
@@ -67,8 +68,6 @@ _pending_removals: dict[tuple[str, str, str], float] = {}
 # ---------------------------------------------------------------------------
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 _FRACTION = re.compile(r"\d*\.?\d+")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", re.I)
-_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_cpu(text: str) -> float:
@@ -100,13 +99,13 @@ def parse_size(text: str, key: str) -> int:
     Raises:
         CommandUsageError: naming ``key`` ("ram", "disk"), for anything else or above 1 PiB.
     """
-    m = _SIZE.fullmatch(text.strip())
-    if m is None:
+    try:
+        size = units.parse_size(text)
+    except ValueError:
         raise CommandUsageError(
             f"{key} must be a size like 512M, 2G or 1.5T (K, M, G, T are powers of 1024), "
             f"not `{text[:20].replace('`', '')}`."
-        )
-    size = int(float(m.group(1)) * 1024 ** _POWERS.get((m.group(2) or "").lower(), 0))
+        ) from None
     if size > MAX_ALLOCATION_BYTES:
         raise CommandUsageError(f"{key}={text} is more than 1 PiB; check the unit.")
     return size

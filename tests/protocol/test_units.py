@@ -1,7 +1,7 @@
 """worker.protocol.units: sizes and durations written the same way everywhere."""
 import pytest
 
-from worker.protocol.units import (format_ago, format_bytes, format_duration, format_mib, format_share,
+from worker.protocol.units import (format_ago, format_bytes, format_duration, format_mib, format_share, parse_size,
                                    format_wait)
 
 
@@ -36,3 +36,15 @@ def test_format_ago(ago, text):
 @pytest.mark.parametrize("s, text", [(0.2, "1 second"), (30, "30 seconds"), (60, "1 minute"), (61, "2 minutes")])
 def test_format_wait_rounds_up(s, text):
     assert format_wait(s) == text
+
+
+@pytest.mark.parametrize("text, n", [("2000000000", 2000000000), ("512M", 512 * 2**20), ("2G", 2**31), ("2GB", 2**31),
+                                     ("1.5GiB", 3 * 2**29), ("10 KiB", 10240), (".5k", 512)])
+def test_parse_size_reads_binary_units(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "two gigs", "1.5", "-1G", "2X"])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError, match="size|fraction"):
+        parse_size(text)

@@ -11,7 +11,8 @@ import mongomock
 import pymongo
 import pytest
 from tests.support.ports import free_port
-from tests.store.test_store_mongo import HASH, atomic_mongomock, dump
+from tests.support.mongo import atomic_mongomock, dump
+from tests.support.store_contract import HASH
 
 from argus.__main__ import main
 from argus.store import NotFound, SQLiteStore, Store

@@ -18,7 +18,6 @@ so the race tests still exercise MongoStore's own logic (unique index, counters)
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import socket
@@ -34,6 +33,7 @@ from pymongo.errors import AutoReconnect
 
 pytest.register_assert_rewrite("store_contract")
 from tests.support.ports import free_port  # noqa: E402
+from tests.support.mongo import atomic_mongomock, dump  # noqa: E402
 from tests.support.store_contract import HASH, StoreContract, race  # noqa: E402
 
 from argus.config import ConfigError, Settings  # noqa: E402
@@ -45,49 +45,11 @@ mongomock.gridfs.enable_gridfs_integration()  # lets pymongo's gridfs accept mon
 REAL_URI = os.environ.get("ARGUS_TEST_MONGO_URI", "").strip()
 NOT_RUN = "not run: ARGUS_TEST_MONGO_URI unset"
 
-# ---- mongomock with per-operation atomicity ---------------------------------
-_MOCK_LOCK = threading.RLock()
-_ATOMIC = (
-    "insert_one", "insert_many", "update_one", "update_many", "replace_one", "delete_one", "delete_many",
-    "find_one", "find_one_and_update", "find_one_and_replace", "find_one_and_delete", "count_documents",
-    "estimated_document_count", "distinct", "create_index", "create_indexes", "bulk_write", "aggregate",
-)
-
-
-def _locked(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _MOCK_LOCK:
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def atomic_mongomock():
-    """Make each mongomock collection operation (and cursor evaluation) atomic, as on a server."""
-    saved = [(mongomock.collection.Collection, name, getattr(mongomock.collection.Collection, name)) for name in _ATOMIC]
-    saved.append((mongomock.collection.Cursor, "_compute_results", mongomock.collection.Cursor._compute_results))
-    for owner, name, fn in saved:
-        setattr(owner, name, _locked(fn))
-    try:
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
 @pytest.fixture
 def mock_client():
     """A fresh in-memory MongoDB (mongomock) with atomic operations."""
     with atomic_mongomock():
         yield mongomock.MongoClient()
-
-
-def dump(client, db_name: str) -> dict:
-    """Every document of every collection, for before/after comparisons."""
-    db = client[db_name]
-    return {name: sorted(db[name].find(), key=lambda d: str(d["_id"])) for name in sorted(db.list_collection_names())}
 
 
 # ---- the contract on mongomock ----------------------------------------------

@@ -7,12 +7,15 @@ daemon's log lines and errors, and the sign-in throttle's messages. Binary (IEC)
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 #: Shown where a value is unknown (a worker that never reported its RAM, say).
 UNKNOWN = "—"
 MiB = 1 << 20
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
 
 def format_bytes(n: Optional[int]) -> str:
@@ -79,3 +82,19 @@ def format_wait(seconds: float) -> str:
         return f"{secs} second{'s' if secs != 1 else ''}"
     mins = math.ceil(secs / 60)
     return f"{mins} minute{'s' if mins != 1 else ''}"
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: ``2000000000``, ``512M``, ``2G``, ``2GB``, ``1.5GiB``, ``10 KiB``.
+
+    Binary units (K = 1024), case-insensitive; a number without a unit is bytes and must be
+    whole. Raises ValueError with a sentence saying what a size looks like.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a size; write bytes or a number with K, M, G or T "
+                         "(binary: 1G = 1024 MiB), e.g. 2G or 512M")
+    number, unit = m.group(1), m.group(2).lower()
+    if not unit and "." in number:
+        raise ValueError(f"{text!r} has a fraction of a byte; add a unit (e.g. 1.5G) or give whole bytes")
+    return round(float(number) * 1024 ** _SIZE_POWERS[unit])
