@@ -1,5 +1,5 @@
 """The chat with remote models: JarvisArgus + the key pool + the real google-genai SDK against
-the Gemini fake on 127.0.0.1 (tests/fakes), a real SQLiteStore, the real local model for
+the Gemini fake on 127.0.0.1 (tests/support/fakes), a real SQLiteStore, the real local model for
 fallbacks, and a real Chainlit context (tests/support/chat_harness's Chat and recording emitter).
 
 Covers: streaming with history and images, failover before the first token, invalid keys

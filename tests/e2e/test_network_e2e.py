@@ -1,4 +1,4 @@
-"""From the chat to the cluster, end to end: ``chainlit run app.py`` + three ``python -m worker`` processes.
+"""From the chat to the worker network, end to end: ``chainlit run app.py`` + three ``python -m worker`` processes.
 
 Alice (the first account, so an admin) creates a network from the chat, issues
 join tokens, two worker daemons on this machine join with them (one through

@@ -1,5 +1,5 @@
 """Chatting with Gemini end to end: the real ``chainlit run app.py`` with ``GEMINI_API_KEYS``
-and ``GEMINI_BASE_URL`` pointing at the Gemini fake (tests/fakes, on 127.0.0.1, in a thread of
+and ``GEMINI_BASE_URL`` pointing at the Gemini fake (tests/support/fakes, on 127.0.0.1, in a thread of
 this process), a browser-like socket.io client, and the fake's record of what was sent.
 
 Two keys: the first one the pool hands out is rate limited, so the answer also proves the

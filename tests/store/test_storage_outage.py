@@ -13,7 +13,7 @@ and socket.io:
 * a signed-in user (a session token from before the outage) who sends a chat message gets
   the "nothing was saved" sentence, and the server keeps running.
 
-Recovery when the server comes back is covered in tests/test_store_mongo.py (mongomock with
+Recovery when the server comes back is covered in tests/store/test_store_mongo.py (mongomock with
 a driver that fails, then works; and a real server behind a TCP relay when
 ARGUS_TEST_MONGO_URI is set).
 """

@@ -1,6 +1,6 @@
 """MongoStore: the shared store contract against mongomock, and against a real MongoDB.
 
-* ``TestMongoStore`` runs ``StoreContract`` (tests/store_contract.py) plus MongoDB-specific
+* ``TestMongoStore`` runs ``StoreContract`` (tests/support/store_contract.py) plus MongoDB-specific
   checks on ``mongomock`` (in-process, always).
 * ``TestMongoStoreRealServer`` runs the same contract plus checks only a server can answer
   (index use, reconnection after an outage) against ``ARGUS_TEST_MONGO_URI``, e.g.

@@ -1,4 +1,4 @@
-"""SQLiteStore: the shared store contract (tests/store_contract.py) plus SQLite specifics
+"""SQLiteStore: the shared store contract (tests/support/store_contract.py) plus SQLite specifics
 (files and modes on disk, locking, migrations, the full-text indexes).
 
 The contract runs twice: with the FTS5 trigram indexes, and as on a SQLite without them
