@@ -225,7 +225,7 @@ class ElementChat(Chat):
         path = self.files_dir / file_id
         path.write_bytes(data)
         self.session.files[file_id] = {"id": file_id, "path": path, "name": name, "type": mime, "size": len(data)}
-        element = cl.Image(name=name, path=str(path), mime=mime, display="inline")
+        element = cl.Image(name=name, path=str(path), mime=mime, display="inline", thread_id=self.session.thread_id)
         element.id = element.chainlit_key = file_id
         element.persisted = True  # Chainlit has sent it to the browser already
         return element

@@ -64,8 +64,8 @@ def _token(identifier: str, user_id: str) -> str:
 async def _post(app, token, data: bytes = b"x" * 1000, session_id: str = "sess-1") -> httpx.Response:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-        cookies = {"access_token": token} if token else {}
-        return await http.post("/project/file", params={"session_id": session_id}, cookies=cookies,
+        headers = {"Cookie": f"access_token={token}"} if token else {}
+        return await http.post("/project/file", params={"session_id": session_id}, headers=headers,
                                files={"file": ("a.png", data, "image/png")})
 
 
