@@ -29,6 +29,7 @@ from argus.keys.redact import install as redact_keys  # noqa: E402
 from argus.limits import install_body_limits  # noqa: E402
 from argus.origins import restrict_origins  # noqa: E402
 from argus.page import install_local_page  # noqa: E402
+from argus.quotas import install_upload_quota, session_ended  # noqa: E402
 from argus.signup import install_signup_routes  # noqa: E402
 from argus.store import StoreUnavailable, check_store  # noqa: E402
 
@@ -46,6 +47,7 @@ def _start() -> tuple[Settings, JarvisArgus]:
     install_local_page()  # no CDN links in the page; ARGUS_UI_LANGUAGE
     restrict_origins()  # CORS and socket.io: CHAINLIT_URL's origin, or this host/port only
     install_body_limits(settings.max_upload_bytes)  # 413 before Chainlit reads an oversized body
+    install_upload_quota(settings.max_upload_bytes)  # per-session and per-user upload caps (ARGUS_UPLOAD_*)
     argus = JarvisArgus(settings)
     redact_keys(argus.remote.pool.scrub)  # no log line shows an API key, whoever writes it
     if (problem := check_store(argus.store)) is not None:  # MongoDB down: serve anyway, say so once
@@ -86,6 +88,11 @@ async def on_chat_resume(thread: cl.types.ThreadDict) -> None:
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
     await argus.on_message(message)
+
+
+@cl.on_chat_end
+async def on_chat_end() -> None:
+    await session_ended()  # a disconnected session's uploads leave the disk (ARGUS_UPLOAD_KEEP_S)
 
 
 @cl.on_stop

@@ -86,10 +86,12 @@ class CheckedImage:
 
 @dataclass
 class UploadCheck:
-    """Outcome of :func:`check_files`: accepted images and one sentence per refused file."""
+    """Outcome of :func:`check_files`: accepted images, one sentence per refused file, and
+    the refused elements themselves (so the chat can take them out of the shown message)."""
 
     images: list[CheckedImage] = field(default_factory=list)
     rejections: list[str] = field(default_factory=list)
+    refused: list[Any] = field(default_factory=list)
 
 
 def display_name(name: Optional[str]) -> str:
@@ -255,6 +257,7 @@ def check_files(
             image = check_element(element, max_bytes, pixel_budget=budget)
         except UploadRejected as e:
             out.rejections.append(str(e))
+            out.refused.append(element)
         else:
             out.images.append(image)
             budget -= image.width * image.height

@@ -1,5 +1,11 @@
 """Message intake: storing a chat message (and its answer row) before anything else.
 
+A message's files pass the upload quotas (``argus.quotas``: files the upload route
+counted pass, others are counted now) and the content checks (``argus.uploads``); a
+refused file is taken out of the shown message (Chainlit's ``remove_element``: no
+broken image in the user's bubble) and off the disk, is never stored and never
+reaches a model; the chat says which file and why.
+
 The user's message is stored *first* (conversation, attachments, message; the
 caller shields it from the stop button), before waiting for the model, for the
 session's previous answer or for a generation slot; a message stored while an
@@ -11,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from argus.chat.session import Sessions
+from argus.chat.sentences import upload_not_accepted
+from argus.chat.session import Sessions, current_session
 from argus.commands import SessionState
 from argus.commands.base import OutFile, one_line
 from argus.datalayer import ArgusDataLayer
 from argus.store import NotFound, Store
-from argus.uploads import UploadCheck, check_files
+from argus.quotas import QuotaExceeded, UploadQuota, remove_upload, shared_quota
+from argus.uploads import UploadCheck, check_files, display_name
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,42 @@ class Intake:
     conv_id: Optional[str] = None
 
 
+def _element_size(element: Any) -> int:
+    """Bytes of an uploaded element: its file's size on disk, else its in-memory content's."""
+    path = getattr(element, "path", None)
+    if path:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+    content = getattr(element, "content", None)
+    return len(content) if isinstance(content, (bytes, bytearray, str)) else 0
+
+
+#: Longest wait for Chainlit to finish showing a message's files before one is taken out, in seconds.
+SHOWN_WAIT_S = 2.0
+
+
+async def _take_out(message_elements: list, refused: list, session: Any) -> None:
+    """Take refused files out of the shown message (the browser drops the element: no broken
+    image) and off the disk (Chainlit's copy in the session's upload directory).
+
+    Chainlit sends a message's files from a task of its own; an element is removed once that
+    task has shown it (``persisted``), or after :data:`SHOWN_WAIT_S`.
+    """
+    deadline = asyncio.get_running_loop().time() + SHOWN_WAIT_S
+    while (any(not getattr(e, "persisted", True) for e in message_elements)
+           and asyncio.get_running_loop().time() < deadline):
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0)  # the element's send_element follows its persisted flag
+    for element in refused:
+        remove_upload(session, getattr(element, "chainlit_key", None) or getattr(element, "id", None))
+        try:
+            await element.remove()
+        except Exception as exc:  # the socket is gone: nothing is shown anyway
+            log.debug("could not take refused file %r out of the chat: %s", getattr(element, "name", "?"), exc)
+
+
 class MessageIntake:
     """Stores what a chat session sends, and the answers' rows.
 
@@ -73,25 +118,64 @@ class MessageIntake:
         sessions: moves the chat to a new thread when its id is taken.
         max_upload_bytes: the largest accepted upload.
         model_id_now: the model id to record for a session's rows, without waiting.
+        quota: the upload quotas (default: the process's, :func:`argus.quotas.shared_quota`).
     """
 
     def __init__(
         self, store: Store, data_layer: ArgusDataLayer, sessions: Sessions, max_upload_bytes: int,
-        model_id_now: Callable[[SessionState], str],
+        model_id_now: Callable[[SessionState], str], quota: Optional[UploadQuota] = None,
     ):
         self.store = store
         self.data_layer = data_layer
         self.sessions = sessions
         self.max_upload_bytes = max_upload_bytes
         self.model_id_now = model_id_now
+        self._quota = quota
+
+    @property
+    def quota(self) -> UploadQuota:
+        """The upload quotas this intake counts files in."""
+        if self._quota is None:
+            self._quota = shared_quota()
+        return self._quota
+
+    async def check_uploads(self, elements: list, user_id: str) -> UploadCheck:
+        """The quotas, then the content checks (:func:`argus.uploads.check_files`), for the files
+        of one message; every refused file is taken out of the shown message and off the disk."""
+        check = UploadCheck()
+        if not elements:
+            return check
+        session = current_session()
+        session_id = getattr(session, "id", None) or f"user:{user_id}"
+        allowed, over = [], {}
+        for element in elements:
+            file_id = getattr(element, "chainlit_key", None) or getattr(element, "id", None)
+            name = display_name(getattr(element, "name", None))
+            try:
+                self.quota.admit(session_id, user_id, file_id, _element_size(element), name)
+            except QuotaExceeded as exc:
+                over.setdefault(str(exc), []).append(name)
+                check.refused.append(element)
+            else:
+                allowed.append(element)
+        if allowed:
+            checked = await asyncio.to_thread(check_files, allowed, self.max_upload_bytes)
+            check.images = checked.images
+            check.rejections.extend(checked.rejections)
+            check.refused.extend(checked.refused)
+        check.rejections.extend(upload_not_accepted(names, why) for why, names in over.items())
+        if check.refused:
+            await _take_out(message_elements=elements, refused=check.refused, session=session)
+        return check
 
     async def store_message(self, message: Any, text: str, user_id: str, state: SessionState) -> Intake:
-        """Check the uploads of ``message`` (a ``cl.Message``), then store conversation,
-        attachments and message (run it shielded). Raises StoreError, NotFound."""
+        """Check the uploads of ``message`` (a ``cl.Message``: quotas, then content), take
+        refused files out of it, then store conversation, attachments and message (run it
+        shielded). Raises StoreError, NotFound."""
         elements = list(getattr(message, "elements", None) or [])
-        check = UploadCheck()
-        if elements:
-            check = await asyncio.to_thread(check_files, elements, self.max_upload_bytes)
+        check = await self.check_uploads(elements, user_id)
+        if check.refused and isinstance(getattr(message, "elements", None), list):
+            message.elements = [e for e in message.elements if all(e is not r for r in check.refused)]
         if not text and not check.images:
             return Intake(check)
         async with state.intake:

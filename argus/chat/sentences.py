@@ -39,6 +39,11 @@ def text_only_notice(model_name: str, has_text: bool) -> str:
     return f"{model_name} reads text only; I stored your image. Add some text to get an answer."
 
 
+def upload_not_accepted(names: list[str], why: str) -> str:
+    """Files of a message refused by an upload quota (``why``: the quota's sentence)."""
+    return f"Not accepted: {', '.join(names)}. {why}"
+
+
 def fallback_notice(spec: ModelSpec, why: str) -> str:
     """The note shown when a remote model cannot answer and the local model does instead."""
     return f"_{spec.label} cannot answer right now ({why.rstrip('.')}), so the local model answers instead._"
@@ -83,5 +88,5 @@ __all__ = [
     "INTERRUPTED_MARK", "MAX_MESSAGE_CHARS", "MESSAGE_NOT_FOUND", "NOT_SAVED", "RETRY_GONE", "SIGNED_OUT",
     "STOPPED_MARK", "STORE_DOWN", "TEXT_ONLY_NOTICE", "TEXT_ONLY_NOTICE_NO_TEXT", "WAITING_FOR_SLOT",
     "fallback_notice", "invalid_key_notice", "invalid_keys_listed", "marked", "rate_limit_message",
-    "text_only_notice", "too_long_message",
+    "text_only_notice", "too_long_message", "upload_not_accepted",
 ]
