@@ -87,7 +87,6 @@ from worker.protocol import Conflict, InvalidPayload, Message, NotAuthorized, No
 from worker.protocol.limits import (
     CLOSE_TOO_BIG,
     JOIN_CONVERSATION_S,
-    MAX_JOIN_HELLOS,
     MAX_PREAUTH_FRAME_BYTES,
     PREAUTH_OPEN_TIMEOUT_S,
 )
@@ -440,11 +439,11 @@ class Daemon:
     async def _serve_joiner(self, net: Network, link: Link) -> None:
         """A peer without a certificate: join_hello → join_ca, join_request → pending → decision.
 
-        Until its join_request arrives the conversation has JOIN_CONVERSATION_S seconds in all
-        and at most MAX_JOIN_HELLOS join_hello messages; then the connection is closed (1008).
-        The wait for the admin's decision after a valid request has its own bound (JOIN_WAIT_S).
+        Until its join_request arrives the conversation has JOIN_CONVERSATION_S seconds in all,
+        whatever it sends meanwhile (the opening's order already refuses a second join_hello;
+        ``error`` messages are valid from a joiner); then the connection is closed (1008). The
+        wait for the admin's decision after a valid request has its own bound (JOIN_WAIT_S).
         """
-        hellos = 0
         deadline = asyncio.timeout(JOIN_CONVERSATION_S)
 
         async def cut_off(why: str) -> object:
@@ -453,11 +452,7 @@ class Daemon:
             self._refused(net.network_id, link.ws, why)
             return STOP
 
-        async def hello(m: Message) -> object:
-            nonlocal hellos
-            hellos += 1
-            if hellos > MAX_JOIN_HELLOS:
-                return await cut_off(f"more than {MAX_JOIN_HELLOS} join_hello messages on one connection")
+        async def hello(m: Message) -> None:
             await link.reply(m, "join_ca", {"ca_pem": pki.pem(net.creds.ca_cert).decode("ascii"),
                                             "admin_node_id": self.node_id})
 
