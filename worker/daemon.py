@@ -51,6 +51,7 @@ import shutil
 import socket
 import ssl
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -69,10 +70,26 @@ from worker.distribution import Distribution
 from worker.engine import ModelFile
 from worker.eventlog import EventLog
 from worker.inference import NetworkInference, NetworkModel, split_session_id
-from worker.link import Credentials, HandshakeFailed, Link, LinkClosed, accept, open_link
+from worker.link import (
+    CLOSE_POLICY,
+    Credentials,
+    HandshakeFailed,
+    Link,
+    LinkClosed,
+    PreAuthGate,
+    accept,
+    open_link,
+    source_address,
+)
 from worker.netconfig import ConfigInvalid, SignedConfig
 from worker.network_state import DEFAULT_HEARTBEAT_S, MemberLive, Network, NodeContext, PendingJoin
 from worker.protocol import Conflict, InvalidPayload, Message, NotAuthorized, NotFound, ProtocolError
+from worker.protocol.limits import (
+    CLOSE_TOO_BIG,
+    JOIN_CONVERSATION_S,
+    MAX_PREAUTH_FRAME_BYTES,
+    PREAUTH_OPEN_TIMEOUT_S,
+)
 from worker.resources import Allocation, AllocationError, default_allocation, snapshot
 from worker.stage_host import StageHost
 
@@ -87,6 +104,12 @@ MAX_BACKOFF_S = 30.0
 #: Replies a worker sends to the admin's stage requests (matched by request id, see inference.RemoteStage);
 #: "error" replies are matched the same way.
 STAGE_REPLIES = ("forward_result", "session_info", "sessions_response", "blocks_status")
+#: websockets.serve options of the network ports and the control endpoint: the protocol's options with
+#: the pre-authentication frame limit (link.accept raises it once the peer is authenticated) and open timeout.
+SERVER_OPTIONS: dict[str, Any] = {**protocol.WEBSOCKET_OPTIONS, "max_size": MAX_PREAUTH_FRAME_BYTES,
+                                  "open_timeout": PREAUTH_OPEN_TIMEOUT_S}
+#: Seconds between writes of the event log's ``events_suppressed`` summaries (see EventLog.write_limited).
+SUPPRESSED_FLUSH_S = 10.0
 
 
 def _address(host: str, port: int) -> str:
@@ -173,6 +196,7 @@ class Daemon:
         self.networks: dict[str, Network] = {}
         self.joining: dict[str, dict] = {}  # network id -> {"state", "message", "task"}
         self.nonces = pki.NonceCache()
+        self.preauth = PreAuthGate()  # connections to the network ports not authenticated yet
         self.stop_event = asyncio.Event()
         self._control_server: Optional[Server] = None
         self._discovery: Optional[DiscoveryResponder] = None
@@ -233,6 +257,7 @@ class Daemon:
                                                              self.discovery_port, self._discovery_answer)
         if self.measure_speed and resources.cached_speed(self.data_dir) is None:
             self._spawn(self._measure_speed(), "measure-speed")
+        self._spawn(self._flush_suppressed_events(), "flush-suppressed-events")
         self.events.write("daemon_started", node=self.node_id, networks=sorted(self.networks),
                           control_port=self.control_port)
         log.info("node %s serving %d network(s); control on %s:%d", self.node_id, len(self.networks),
@@ -259,6 +284,10 @@ class Daemon:
             await self._control_server.wait_closed()
         if self._discovery is not None:
             self._discovery.close()
+        try:
+            self.events.flush_suppressed(force=True)
+        except OSError as e:
+            log.warning("could not write the event log: %s", e)
         self.events.write("daemon_stopped", node=self.node_id)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
@@ -266,6 +295,15 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _flush_suppressed_events(self) -> None:
+        """Write the event log's summaries of suppressed refusals once their window is over."""
+        while True:
+            await asyncio.sleep(SUPPRESSED_FLUSH_S)
+            try:
+                await asyncio.to_thread(self.events.flush_suppressed)
+            except OSError as e:
+                log.warning("could not write the event log: %s", e)
 
     async def _measure_speed(self) -> None:
         try:
@@ -300,7 +338,7 @@ class Daemon:
         ctx = pki.server_context(creds.cert, creds.key, ca)
         self._control_creds = creds
         self._control_server = await serve(lambda ws: self._control_handler(ws, creds), self.control_host,
-                                           self.control_port, ssl=ctx, **protocol.WEBSOCKET_OPTIONS)
+                                           self.control_port, ssl=ctx, **SERVER_OPTIONS)
         self.control_port = self._control_server.sockets[0].getsockname()[1]
         write_endpoint(files, self.control_host, self.control_port, self.node_id)
 
@@ -314,7 +352,7 @@ class Daemon:
         ctx = pki.server_context(net.creds.cert, net.creds.key, net.creds.ca_cert, None, allow_joiners=net.is_admin)
         listen = net.my_port() if port is None else port
         net.server = await serve(lambda ws: self._network_handler(ws, net), self.host, listen, ssl=ctx,
-                                 **protocol.WEBSOCKET_OPTIONS)
+                                 process_request=lambda ws, request: self._admit(ws, net), **SERVER_OPTIONS)
         if not net.is_admin and net.link_state != "removed":
             net.member_task = self._spawn(self._member_loop(net), f"member-{net.network_id}")
 
@@ -346,13 +384,35 @@ class Daemon:
         return self.node_id, out
 
     # ---- the network port ----------------------------------------------------------
+    def _admit(self, ws: Any, net: Network) -> Any:
+        """websockets' ``process_request``: count the connection as not authenticated yet, or refuse
+        it with HTTP 503 when its address (or everyone without a certificate) is over the cap."""
+        refusal = self.preauth.admit(ws)
+        if refusal is None:
+            return None
+        self._refused(net.network_id, ws, refusal)
+        return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
+
+    def _refused(self, network_id: str, ws: Any, reason: str, *, event: str = "connection_refused",
+                 node: Optional[str] = None, **details: Any) -> None:
+        """Log a refusal an unauthenticated peer can cause at will, rate-limited per source address."""
+        self.events.write_limited(event, source=source_address(ws), network=network_id, node=node or self.node_id,
+                                  peer=_peer(ws), reason=reason, **details)
+
     async def _network_handler(self, ws: Any, net: Network) -> None:
         try:
-            link = await accept(ws, net.creds, self.nonces)
-        except HandshakeFailed as e:
-            self.events.write("connection_refused", network=net.network_id, node=self.node_id,
-                              peer=_peer(ws), reason=str(e))
-            return
+            try:
+                link = await accept(ws, net.creds, self.nonces)
+            except HandshakeFailed as e:
+                self._refused(net.network_id, ws, str(e))
+                return
+            if link.role != protocol.JOINER:
+                self.preauth.release(ws)  # authenticated
+            await self._serve_link(net, link)
+        finally:
+            self.preauth.release(ws)
+
+    async def _serve_link(self, net: Network, link: Link) -> None:
         try:
             if link.role == protocol.JOINER:
                 if net.is_admin:
@@ -365,7 +425,8 @@ class Daemon:
             else:
                 await self._serve_peer(net, link)
         except LinkClosed:
-            pass
+            if link.role == protocol.JOINER and getattr(link.ws.protocol.close_sent, "code", None) == CLOSE_TOO_BIG:
+                self._refused(net.network_id, link.ws, "a frame over the limit before authentication")
         except asyncio.TimeoutError:
             await link.send_error(protocol.UnexpectedMessage("nothing arrived in time; closing the connection"))
         except Exception as e:  # one bad connection must never take the daemon down
@@ -376,28 +437,48 @@ class Daemon:
             await link.close()
 
     async def _serve_joiner(self, net: Network, link: Link) -> None:
-        """A peer without a certificate: join_hello → join_ca, join_request → pending → decision."""
+        """A peer without a certificate: join_hello → join_ca, join_request → pending → decision.
+
+        Until its join_request arrives the conversation has JOIN_CONVERSATION_S seconds in all,
+        whatever it sends meanwhile (the opening's order already refuses a second join_hello;
+        ``error`` messages are valid from a joiner); then the connection is closed (1008). The
+        wait for the admin's decision after a valid request has its own bound (JOIN_WAIT_S).
+        """
+        deadline = asyncio.timeout(JOIN_CONVERSATION_S)
+
+        async def cut_off(why: str) -> object:
+            await link.send_error(protocol.UnexpectedMessage(why))
+            await link.close(CLOSE_POLICY, why)
+            self._refused(net.network_id, link.ws, why)
+            return STOP
+
         async def hello(m: Message) -> None:
             await link.reply(m, "join_ca", {"ca_pem": pki.pem(net.creds.ca_cert).decode("ascii"),
                                             "admin_node_id": self.node_id})
 
         async def request(m: Message) -> object:
+            deadline.reschedule(None)  # answered now; the wait for a decision is bounded by JOIN_WAIT_S
             await self._join_request(net, link, m)
             return STOP
 
         async def ignore(m: Message) -> None:  # error messages from the joiner: keep waiting
             return None
 
-        await Dispatcher("a joiner's link", {"join_hello": hello, "join_request": request},
-                         on_error=ignore, timeout_s=60).serve(link)
+        try:
+            async with deadline:
+                await Dispatcher("a joiner's link", {"join_hello": hello, "join_request": request},
+                                 on_error=ignore).serve(link)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            await cut_off(f"no join request within {JOIN_CONVERSATION_S:g} s")
 
     async def _join_request(self, net: Network, link: Link, m: Message) -> None:
         p = m.payload
         node_id = p["node_id"]
 
         async def reject(reason: str) -> None:
-            self.events.write("join_rejected", network=net.network_id, node=node_id, peer=link.remote_address,
-                              reason=reason)
+            self._refused(net.network_id, link.ws, reason, event="join_rejected", node=node_id)
             await link.reply(m, "join_rejected", {"reason": reason})
 
         try:  # the token's signature first (cheap, says nothing), then the request, then spend the token
@@ -414,6 +495,7 @@ class Daemon:
             await asyncio.to_thread(net.tokens.redeem, p["token"])
         except (pki.TokenInvalid, pki.TokenExpired, pki.TokenReused) as e:
             return await reject(str(e))
+        self.preauth.release(link.ws)  # it holds a valid one-time token: waiting for the admin is no flood
         pending = PendingJoin(node_id, p["csr_pem"], p["address"], dict(p["resources"]), time.time(),
                               asyncio.get_running_loop().create_future())
         net.pending[node_id] = pending
@@ -476,7 +558,7 @@ class Daemon:
         node_id = link.peer_node
         if node_id not in net.config["members"] or node_id == self.node_id:
             await link.send_error(NotAuthorized(f"{node_id} is not a member of network {net.network_id}"))
-            self.events.write("connection_refused", network=net.network_id, node=node_id, reason="not a member")
+            self._refused(net.network_id, link.ws, "not a member", node=node_id)
             return
         live = net.members_live.setdefault(node_id, MemberLive())
         old = live.link
@@ -687,8 +769,7 @@ class Daemon:
         try:
             link = await accept(ws, creds, self.nonces)
         except HandshakeFailed as e:
-            self.events.write("connection_refused", network=CONTROL_NETWORK, node=self.node_id, peer=_peer(ws),
-                              reason=str(e))
+            self._refused(CONTROL_NETWORK, ws, str(e))
             return
         try:
             if link.role != protocol.CONTROL:

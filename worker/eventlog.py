@@ -13,6 +13,22 @@ grow past ``max_bytes`` it is rotated like ``logging.handlers.RotatingFileHandle
 ``events.jsonl`` -> ``events.jsonl.1`` -> ... -> ``events.jsonl.<backups>`` (dropped).
 One process writes a log; threads may share an ``EventLog``.
 
+Refusals of unauthenticated peers (issue 13, finding 10) go through
+:meth:`EventLog.write_limited` with the peer's address as ``source``: in each window of
+``window_s`` seconds (60) at most ``per_source`` (10) such events per source and
+``total`` (100) from all sources together are written; the rest are counted, and when the
+window ends (the next limited write, :meth:`EventLog.flush_suppressed`, or ``close``) one
+``events_suppressed`` event per source says how many of which event were dropped::
+
+    {"event": "events_suppressed", "details": {"source": "192.0.2.7", "window_s": 60,
+     "since": "2025-06-01T12:00:00.000Z", "suppressed": {"join_rejected": 990}}}
+
+So a peer that is refused a thousand times a minute writes about 11 lines a minute, and
+the log keeps the events of legitimate users (approvals, config changes) for hours
+instead of rotating them out. A source that could not write a single event in a window
+(the total was used up, or ``MAX_SOURCES`` were already tracked) is counted under the
+source ``"other"``, so a window ends with at most ``total + 1`` summaries.
+
 Redaction (a log is read by more people, and kept longer, than a key file):
 * a ``details`` key that looks secret (contains token, key, secret, password, passwd,
   private, pem, signature, csr, credential, authorization, cookie; any case) has its
@@ -32,21 +48,27 @@ import math
 import os
 import re
 import threading
+import time
 from collections import deque
 from pathlib import Path
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Callable, Self
 
 MAX_BYTES = 10 << 20  # 10 MiB per file
 BACKUPS = 3
 MAX_DEPTH = 16  # nesting of details kept; deeper values become "[too deep]"
 REDACTED = "[redacted]"
+#: write_limited defaults: events per source, and from all sources, written per window; the window (s).
+LIMIT_PER_SOURCE = 10
+LIMIT_TOTAL = 100
+LIMIT_WINDOW_S = 60.0
+MAX_SOURCES = 1024  # sources tracked in one window; later ones are counted under "other"
 
 #: Event names the daemon writes (write() accepts any name matching EVENT_NAME).
 EVENTS = frozenset({
     "network_created", "join_requested", "join_approved", "join_rejected", "member_joined", "member_left",
     "member_removed", "config_changed", "config_acked", "connection_refused", "error", "daemon_started",
     "daemon_stopped", "member_connected", "member_disconnected", "admin_connected", "config_applied",
-    "config_refused", "token_issued", "network_left", "speed_measured",
+    "config_refused", "token_issued", "network_left", "speed_measured", "events_suppressed",
 })
 EVENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -111,15 +133,26 @@ class EventLog:
     file with mode 0600. Raises ValueError for max_bytes < 1 or backups < 0.
     """
 
-    def __init__(self, path: Path | str, max_bytes: int = MAX_BYTES, backups: int = BACKUPS):
+    def __init__(self, path: Path | str, max_bytes: int = MAX_BYTES, backups: int = BACKUPS, *,
+                 per_source: int = LIMIT_PER_SOURCE, total: int = LIMIT_TOTAL, window_s: float = LIMIT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
         if max_bytes < 1 or backups < 0:
             raise ValueError(f"need max_bytes >= 1 and backups >= 0, got {max_bytes}, {backups}")
+        if per_source < 1 or total < 1 or not window_s > 0:
+            raise ValueError(f"need per_source >= 1, total >= 1, window_s > 0, got {per_source}, {total}, {window_s}")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
         self._file: BinaryIO | None = None
         self._size = 0  # bytes in the current file
+        self.per_source, self.total, self.window_s, self._clock = per_source, total, window_s, clock
+        self._limit_lock = threading.Lock()  # taken before _lock, never after it
+        self._window_start: float | None = None  # clock() at the window's first limited event
+        self._window_since = ""  # the same moment as ISO-8601 UTC
+        self._written: dict[str, int] = {}  # source -> limited events written in this window
+        self._written_total = 0
+        self._dropped: dict[str, dict[str, Any]] = {}  # source -> {"network" (the first's), "counts": {event: n}}
 
     # writing
 
@@ -149,6 +182,50 @@ class EventLog:
             f.flush()
             self._size += len(line)
         return record
+
+    def write_limited(self, event: str, *, source: str, network: str | None = None, node: str | None = None,
+                      **details: Any) -> dict | None:
+        """Like :meth:`write`, for an event an unauthenticated peer can cause at will (a refusal).
+
+        ``source`` is the peer's address (no port). Writes the event (with ``source``
+        among its details) and returns the record when this window still allows one
+        from ``source``; otherwise counts it for the window's ``events_suppressed``
+        summary and returns None. Thread-safe. Raises like :meth:`write`.
+        """
+        if not isinstance(event, str) or not EVENT_NAME.fullmatch(event):
+            raise ValueError(f"event name {event!r} must be lowercase snake case, 1-64 characters")
+        source = str(source)
+        with self._limit_lock:
+            now = self._clock()
+            self._roll(now)
+            if self._window_start is None:
+                self._window_start, self._window_since = now, _utc_ms()
+            if source not in self._written and (self._written_total >= self.total or
+                                                len(self._written) + len(self._dropped) >= MAX_SOURCES):
+                source = "other"  # one summary for every source that could not write any this window
+            if self._written.get(source, 0) < self.per_source and self._written_total < self.total:
+                self._written[source] = self._written.get(source, 0) + 1
+                self._written_total += 1
+                return self.write(event, network=network, node=node, source=source, **details)
+            slot = self._dropped.setdefault(source, {"network": network, "counts": {}})
+            slot["counts"][event] = slot["counts"].get(event, 0) + 1
+            return None
+
+    def flush_suppressed(self, *, force: bool = False) -> list[dict]:
+        """Write the ``events_suppressed`` summaries of a window that has ended (``force``: of the
+        current one too, as at shutdown) and start a new window. Returns the records written."""
+        with self._limit_lock:
+            return self._roll(self._clock(), force=force)
+
+    def _roll(self, now: float, force: bool = False) -> list[dict]:
+        """End the window if it is over (caller holds _limit_lock): one summary per source that lost events."""
+        if self._window_start is None or (not force and now - self._window_start < self.window_s):
+            return []
+        out = [self.write("events_suppressed", network=slot["network"], source=source,
+                          window_s=self.window_s, since=self._window_since, suppressed=dict(slot["counts"]))
+               for source, slot in self._dropped.items()]
+        self._window_start, self._written, self._written_total, self._dropped = None, {}, 0, {}
+        return out
 
     def _open(self) -> BinaryIO:
         if self._file is None:
@@ -214,7 +291,11 @@ class EventLog:
     # lifetime
 
     def close(self) -> None:
-        """Close the file; a later ``write`` reopens it."""
+        """Write the pending ``events_suppressed`` summaries, close the file; a later ``write`` reopens it."""
+        try:
+            self.flush_suppressed(force=True)
+        except OSError:  # closing must not fail because the disk is full
+            pass
         with self._lock:
             if self._file is not None:
                 self._file.close()

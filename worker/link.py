@@ -20,6 +20,15 @@ on one connection fails on any other (a replay). A peer without a certificate
 (possible only on a network port, ``allow_joiners``) gets a link with role
 ``joiner`` and no handshake; the daemon lets it ask to join and nothing else.
 
+Before authentication (issue 13, finding 9; the numbers are in
+``worker/protocol/limits.py``): servers are started with websockets' ``max_size``
+at ``MAX_PREAUTH_FRAME_BYTES`` (64 KiB; a larger frame is refused from its header,
+before its payload is read, with close code 1009); :func:`accept` runs the whole
+opening under one deadline (``HANDSHAKE_DEADLINE_S``) and raises the frame limit
+to ``MAX_FRAME_BYTES`` only once the peer's signature checked out
+(:func:`set_frame_limit`). :class:`PreAuthGate` bounds how many connections may
+be unauthenticated at once, per address and in total.
+
 Receiving: :meth:`Link.recv` returns only valid, authorized messages; a frame
 that fails (malformed, unknown type, wrong role, wrong order, wrong network)
 is answered with an ``error`` reply and skipped. After
@@ -39,12 +48,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.exceptions import ConnectionClosed
 
+from websockets.protocol import State
+
 from worker import pki, protocol
 from worker.protocol import JOINER, Handshake, Message, ProtocolError
+from worker.protocol.limits import (
+    HANDSHAKE_DEADLINE_S,
+    MAX_FRAME_BYTES,
+    MAX_PREAUTH_PER_ADDRESS,
+    MAX_PREAUTH_TOTAL,
+)
 
 log = logging.getLogger(__name__)
 
-#: Seconds allowed for the opening (hello … challenge_response) after TLS.
+#: Seconds the client side waits for each message of the opening (the server side has one
+#: deadline for the whole opening, ``protocol.limits.HANDSHAKE_DEADLINE_S``).
 HANDSHAKE_TIMEOUT_S = 15.0
 #: Frames answered with an error before the link is closed (policy violation).
 MAX_ERRORS_PER_LINK = 1000
@@ -247,6 +265,89 @@ class Link:
             raise LinkClosed(f"{self.remote_address} sent {self.errors} invalid frames; connection closed")
 
 
+# --------------------------------------------------------------------------- before authentication
+
+
+def set_frame_limit(ws: Any, n_bytes: int) -> None:
+    """Let the connection ``ws`` receive messages of up to ``n_bytes`` bytes from the next frame on.
+
+    websockets (≥ 13) reads ``protocol.max_message_size`` afresh before each frame
+    header (``websockets/protocol.py``, ``Protocol.parse``), and refuses a larger
+    frame from its header alone (close 1009, nothing of the payload kept), so a
+    server started with a small ``max_size`` can raise it for one connection once
+    its peer is authenticated. Raises AttributeError if ``ws`` is not a websockets
+    connection.
+    """
+    ws.protocol.max_message_size = n_bytes
+
+
+def frame_limit(ws: Any) -> Optional[int]:
+    """The largest message (bytes) the connection ``ws`` accepts now; None: no limit."""
+    return ws.protocol.max_message_size
+
+
+def source_address(ws: Any) -> str:
+    """The peer's IP address (no port) of a connection, ``"?"`` when unknown."""
+    try:
+        addr = ws.remote_address
+    except Exception:  # a transport already gone
+        addr = None
+    return str(addr[0]) if addr else "?"
+
+
+def presented_certificate(ws: Any) -> bool:
+    """True when the TLS peer of ``ws`` presented a certificate (which OpenSSL then verified
+    against the network CA; see ``pki.server_context``)."""
+    obj = getattr(ws, "transport", None) and ws.transport.get_extra_info("ssl_object")
+    return bool(obj is not None and obj.getpeercert(binary_form=True))
+
+
+class PreAuthGate:
+    """Counts the connections that have not authenticated yet, and refuses more than the caps.
+
+    A connection is counted from :meth:`admit` (websockets' ``process_request``: after
+    TLS, before the HTTP upgrade is answered) until :meth:`release` (the opening
+    succeeded, a joiner's token was accepted, or the connection ended) or until it is
+    found closed. At most ``per_address`` counted connections may come from one IP
+    address; at most ``total`` counted connections *without* a certificate (joiners)
+    may be open at once, so a flood of joiners from many addresses cannot keep members
+    (whose certificate TLS already checked) out. Single event loop; not thread-safe.
+    """
+
+    def __init__(self, per_address: int = MAX_PREAUTH_PER_ADDRESS, total: int = MAX_PREAUTH_TOTAL):
+        if per_address < 1 or total < 1:
+            raise ValueError(f"need per_address >= 1 and total >= 1, got {per_address}, {total}")
+        self.per_address, self.total = per_address, total
+        self._open: dict[Any, tuple[str, bool]] = {}  # connection -> (address, presented a certificate)
+
+    def admit(self, ws: Any) -> Optional[str]:
+        """Count ``ws``; return None when admitted, else why not (a sentence for the peer)."""
+        self._prune()
+        if ws in self._open:
+            return None
+        address, certified = source_address(ws), presented_certificate(ws)
+        if sum(1 for a, _ in self._open.values() if a == address) >= self.per_address:
+            return (f"too many connections from {address} are not authenticated yet "
+                    f"(at most {self.per_address}); try again later")
+        if not certified and sum(1 for _, c in self._open.values() if not c) >= self.total:
+            return f"too many connections are not authenticated yet (at most {self.total}); try again later"
+        self._open[ws] = (address, certified)
+        return None
+
+    def release(self, ws: Any) -> None:
+        """Stop counting ``ws`` (idempotent)."""
+        self._open.pop(ws, None)
+
+    def count(self, address: Optional[str] = None) -> int:
+        """Connections counted now (from ``address`` if given)."""
+        self._prune()
+        return sum(1 for a, _ in self._open.values() if address is None or a == address)
+
+    def _prune(self) -> None:
+        for ws in [w for w in self._open if getattr(w, "state", None) is State.CLOSED]:
+            del self._open[ws]
+
+
 def _closed_text(link: Link, e: ConnectionClosed) -> str:
     """Why the connection ended, in words: who closed it and the reason they gave."""
     who = link.peer_node or "the peer"
@@ -271,8 +372,11 @@ async def accept(ws: Any, creds: Credentials, nonces: pki.NonceCache, *, resourc
     """Server side: the identity checks and the opening on an accepted connection.
 
     Returns a Link whose ``role`` is the peer certificate's role (``joiner`` when
-    the peer presented none; no opening is run then). Raises HandshakeFailed
-    after telling the peer why (an ``error`` reply) and closing with 1008.
+    the peer presented none; no opening is run then, and the connection keeps the
+    pre-authentication frame limit). The opening must finish within
+    ``HANDSHAKE_DEADLINE_S`` seconds; on success the frame limit becomes
+    ``MAX_FRAME_BYTES``. Raises HandshakeFailed after telling the peer why (an
+    ``error`` reply) and closing with 1008.
     """
     ssl_obj = _ssl_object(ws)
     link = Link(ws, creds.network_id, JOINER, None, Handshake(initiator=False))
@@ -285,27 +389,32 @@ async def accept(ws: Any, creds: Credentials, nonces: pki.NonceCache, *, resourc
         await _fail(link, str(e))
     link.peer, link.role = identity, identity.role
     try:
-        hello = await link.recv(HANDSHAKE_TIMEOUT_S)
-        if hello.message_type != "hello":  # the Handshake allows error messages; nothing else
-            await _fail(link, f"expected hello, got {hello.message_type}")
-        if hello.payload["node_id"] != identity.node_id or hello.payload["role"] != identity.role:
-            await _fail(link, f"hello names {hello.payload['node_id']}/{hello.payload['role']} but the certificate "
-                              f"names {identity.node_id}/{identity.role}")
-        link.extra["hello"] = hello.payload
-        server_nonce = pki.make_challenge()
-        await link.send_new("challenge", {"nonce": protocol.b64(server_nonce)})
-        ch = await link.recv(HANDSHAKE_TIMEOUT_S)
-        client_nonce = protocol.unb64(ch.payload["nonce"])
-        resp = await link.recv(HANDSHAKE_TIMEOUT_S)
-        ctx = _context(creds.network_id, identity.fingerprint, creds.fingerprint, client_nonce, server_nonce)
-        try:
-            pki.verify_challenge(peer_cert, server_nonce, ctx, protocol.unb64(resp.payload["signature"]), nonces)
-        except pki.ChallengeFailed as e:
-            await _fail(link, str(e))
-        sig = pki.sign_challenge(creds.key, client_nonce, ctx)
-        await link.send_new("challenge_response", {"signature": protocol.b64(sig)})
-    except asyncio.TimeoutError:
-        await _fail(link, "the opening handshake took too long", code="unexpected_message")
+        async with asyncio.timeout(HANDSHAKE_DEADLINE_S):
+            hello = await link.recv()
+            if hello.message_type != "hello":  # the Handshake allows error messages; nothing else
+                await _fail(link, f"expected hello, got {hello.message_type}")
+            if hello.payload["node_id"] != identity.node_id or hello.payload["role"] != identity.role:
+                await _fail(link, f"hello names {hello.payload['node_id']}/{hello.payload['role']} but the "
+                                  f"certificate names {identity.node_id}/{identity.role}")
+            link.extra["hello"] = hello.payload
+            server_nonce = pki.make_challenge()
+            await link.send_new("challenge", {"nonce": protocol.b64(server_nonce)})
+            ch = await link.recv()
+            client_nonce = protocol.unb64(ch.payload["nonce"])
+            resp = await link.recv()
+            ctx = _context(creds.network_id, identity.fingerprint, creds.fingerprint, client_nonce, server_nonce)
+            try:
+                pki.verify_challenge(peer_cert, server_nonce, ctx, protocol.unb64(resp.payload["signature"]), nonces)
+            except pki.ChallengeFailed as e:
+                await _fail(link, str(e))
+            # Authenticated: the peer waits for our answer before it sends anything else, so the
+            # larger limit applies from its first frame after the opening on.
+            set_frame_limit(ws, MAX_FRAME_BYTES)
+            sig = pki.sign_challenge(creds.key, client_nonce, ctx)
+            await link.send_new("challenge_response", {"signature": protocol.b64(sig)})
+    except TimeoutError:
+        await _fail(link, f"the opening handshake took longer than {HANDSHAKE_DEADLINE_S:g} s",
+                    code="unexpected_message")
     except LinkClosed as e:
         raise HandshakeFailed(str(e), code="unexpected_message") from None
     return link
@@ -380,5 +489,6 @@ async def _fail(link: Link, why: str, code: str = "not_authorized") -> None:
 
 __all__ = [
     "CLOSE_POLICY", "Credentials", "HANDSHAKE_TIMEOUT_S", "HandshakeFailed", "Link", "LinkClosed",
-    "MAX_ERRORS_PER_LINK", "VERSION", "accept", "open_link",
+    "MAX_ERRORS_PER_LINK", "PreAuthGate", "VERSION", "accept", "frame_limit", "open_link", "presented_certificate",
+    "set_frame_limit", "source_address",
 ]

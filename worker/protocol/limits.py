@@ -51,6 +51,18 @@ WEBSOCKET_OPTIONS: dict[str, Any] = {
     "close_timeout": 10.0,  # seconds
 }
 
+# Before authentication (issue 13, finding 9). A peer that has not yet proven a certificate of
+# the network's CA (every peer during the opening, a joiner for its whole connection) gets
+# small frames, a deadline and a share of a bounded number of connection slots; after the
+# opening (worker/link.py accept) the frame limit rises to MAX_FRAME_BYTES.
+MAX_PREAUTH_FRAME_BYTES = 64 << 10  # 64 KiB: one frame before authentication (close 1009 above it)
+PREAUTH_OPEN_TIMEOUT_S = 10.0  # seconds for TLS + the HTTP upgrade (websockets' open_timeout)
+HANDSHAKE_DEADLINE_S = 5.0  # seconds for the whole opening (hello … challenge_response) after the upgrade
+JOIN_CONVERSATION_S = 30.0  # seconds from a joiner's upgrade to its join_request (no message extends it)
+MAX_PREAUTH_PER_ADDRESS = 8  # connections not yet authenticated from one IP address (more: HTTP 503)
+MAX_PREAUTH_TOTAL = 64  # connections without a certificate not yet authenticated, all addresses together
+CLOSE_TOO_BIG = 1009  # WebSocket close code for a frame over the limit (RFC 6455 §7.4.1)
+
 FrameKind = Literal["json", "tensor"]
 FRAME_LIMITS: dict[str, int] = {"json": MAX_JSON_FRAME_BYTES, "tensor": MAX_TENSOR_FRAME_BYTES}
 
@@ -69,7 +81,9 @@ def check_frame_size(n_bytes: int, kind: FrameKind) -> None:
 
 
 __all__ = [
-    "CHALLENGE_NONCE_BYTES", "FRAME_LIMITS", "FrameKind", "ID_PATTERN", "ID_RULE", "MAX_CLOCK_SKEW_SECONDS",
+    "CHALLENGE_NONCE_BYTES", "CLOSE_TOO_BIG", "FRAME_LIMITS", "HANDSHAKE_DEADLINE_S", "JOIN_CONVERSATION_S",
+    "MAX_PREAUTH_FRAME_BYTES", "MAX_PREAUTH_PER_ADDRESS", "MAX_PREAUTH_TOTAL",
+    "PREAUTH_OPEN_TIMEOUT_S", "FrameKind", "ID_PATTERN", "ID_RULE", "MAX_CLOCK_SKEW_SECONDS",
     "MAX_FRAME_BYTES", "MAX_ID_CHARS", "MAX_INPUT_IDS", "MAX_JSON_FRAME_BYTES", "MAX_JSON_INT", "MAX_OBJECT_DEPTH",
     "MAX_POSITION", "MAX_TENSOR_FRAME_BYTES", "MAX_TENSOR_NDIM", "MAX_TOKEN_ID", "MAX_TOTAL_LENGTH",
     "PROTOCOL_VERSION", "SUBPROTOCOL", "SUPPORTED_VERSIONS", "WEBSOCKET_OPTIONS", "check_frame_size",
