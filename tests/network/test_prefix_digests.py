@@ -9,6 +9,7 @@ import numpy as np
 from worker import protocol
 from worker.engine import BlockRange
 from worker.inference import Chain, DecodeBatcher, prefix_digests
+from worker.protocol.messages import PREFIX_DIGEST_BYTES
 from worker.stage_host import StageHost
 
 KEY = bytes(range(32))
@@ -17,7 +18,7 @@ KEY = bytes(range(32))
 def test_digests_name_a_prefix_of_one_session_under_one_key():
     ids = [1, 9690, 198, 2683, 359]
     d, state = prefix_digests(KEY, "net-1.c1", ids)
-    assert len(d) == len(ids) and all(len(x) == protocol.PREFIX_DIGEST_BYTES == 16 for x in d)
+    assert len(d) == len(ids) and all(len(x) == PREFIX_DIGEST_BYTES == 16 for x in d)
     assert len(set(d)) == len(d)  # every position differs, even for repeated tokens
     assert prefix_digests(KEY, "net-1.c1", ids)[0] == d  # deterministic
     # continuing from the state gives the digests of the whole sequence
