@@ -244,7 +244,11 @@ def _files_of(d) -> list[Path]:
 
 
 def _session_files(d, network: str, session_key: str) -> list[Path]:
-    return [p for p in (d.data_dir / "networks" / network / "stage" / "sessions").glob(f"*/{network}.{session_key}.kv.npz")]
+    """The saved session files of ``<network>.<session_key>`` on daemon ``d`` (by their clear header)."""
+    from worker.engine.paged_kv import read_header
+
+    root = d.data_dir / "networks" / network / "stage" / "sessions"
+    return [p for p in root.glob("*/*.kv.npz") if read_header(p).get("session_id") == f"{network}.{session_key}"]
 
 
 def _open_session_file(d, network: str, path: Path) -> bytes:
