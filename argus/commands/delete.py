@@ -1,8 +1,6 @@
 """``/delete`` then ``/delete confirm`` — delete the current conversation for good."""
 from __future__ import annotations
 
-import logging
-
 from argus.commands.base import (
     Command,
     CommandContext,
@@ -14,8 +12,6 @@ from argus.commands.base import (
 )
 from argus.network_choice import drop_conversation_session
 from argus.store.base import NotFound
-
-log = logging.getLogger("argus.commands.delete")
 
 #: Seconds a ``/delete`` waits for its ``/delete confirm``.
 CONFIRM_WINDOW_S = 120.0
