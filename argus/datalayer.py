@@ -79,6 +79,7 @@ from chainlit.types import Feedback, PageInfo, PaginatedResponse, Pagination, Th
 from chainlit.user import PersistedUser
 
 from argus.commands.base import one_line
+from argus.network_choice import drop_conversation_session
 from argus.store.base import Conversation, Message, NotFound, Store, User
 
 if TYPE_CHECKING:
@@ -352,6 +353,9 @@ class ArgusDataLayer(BaseDataLayer):
         self._attachments = _TTLCache(24 * 3600.0, 5_000, clock)  # id → (name, mime); immutable records
         self._pending: "OrderedDict[str, _Pending]" = OrderedDict()
         self._chat_steps = _TTLCache(PENDING_TTL_S, 10_000, clock)  # ids registered by expect_chat_step
+        #: The chat server's services (``JarvisArgus.services``: "daemon", "network_choice"), for
+        #: dropping a deleted conversation's network session; empty: nothing to drop.
+        self.services: dict[str, Any] = {}
 
     # ---- plumbing ----------------------------------------------------------------
     async def _call(self, fn: Callable, *args, **kwargs):
@@ -654,7 +658,9 @@ class ArgusDataLayer(BaseDataLayer):
             return
 
     async def delete_thread(self, thread_id: str):
-        """Delete the caller's conversation with its messages, feedback and files."""
+        """Delete the caller's conversation with its messages, feedback and files, and drop its
+        session on the worker network in use (``argus.network_choice.drop_conversation_session``:
+        best effort; a daemon that is down does not fail the delete)."""
         caller = await self.caller()
         if caller is None:
             return
@@ -666,7 +672,9 @@ class ArgusDataLayer(BaseDataLayer):
         try:
             await self._call(self.store.delete_conversation, thread_id, caller.user_id)
         except NotFound:
-            pass
+            return  # someone else's, or gone already: nothing of the caller's to forget
+        # its KV-cache session on the worker network holds the conversation too (as /delete does)
+        await drop_conversation_session(self.services, thread_id)
 
     # ---- feedback ------------------------------------------------------------------
     async def upsert_feedback(self, feedback: Feedback) -> str:

@@ -11,7 +11,21 @@ hop but needs worker-to-worker links and a return path for the logits. On
 loopback one hop of a [1, 576] f32 hidden state measures ~0.3 ms against a
 decode step of ~30 ms (docs/PERFORMANCE.md), so the simpler routing was kept.
 
+What a worker learns: only the stage whose block range is first (the admin's
+own, which holds the token embedding) is sent token ids. Every other stage
+gets hidden states, positions and, per position, a *prefix digest*: a keyed
+hash chain of the session's tokens up to that position
+(``prefix_digests``: HMAC-SHA-256 under a key derived from the admin's own
+network key, which never leaves the admin, seeded with the session id, cut to
+128 bits). Its paged KV cache records the digests instead of tokens, so that
+``session_query`` (which carries digests too) still finds how much of a
+continued conversation it holds, without the worker learning the text or
+being able to test guesses of it (it lacks the key), and without two sessions
+with the same prefix looking alike (the session id seeds the chain).
+
 Pieces, smallest first:
+
+- ``prefix_digests``: the digest chain of a token sequence.
 
 - ``LocalStage`` / ``RemoteStage``: one stage of the chain behind one
   interface (``forward``, ``session_query``, ``session_save``,
@@ -28,7 +42,9 @@ Pieces, smallest first:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Protocol, Sequence
 
@@ -42,6 +58,7 @@ from worker.engine.tokenizer import Tokenizer
 from worker.link import LinkClosed
 from worker.network_state import MemberLive, Network, NetworkUnavailable
 from worker.protocol import InternalError, Message, NotFound
+from worker.protocol.messages import PREFIX_DIGEST_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from worker.stage_host import StageHost
@@ -54,6 +71,32 @@ PREFILL_CHUNK = 256
 STAGE_TIMEOUT_S = 120.0
 #: Seconds the batcher waits for the other decoding sessions to join a step.
 BATCH_WINDOW_S = 0.003
+#: Domain label of the digest chain's seed (the chain's first state).
+PREFIX_SEED_LABEL = b"argus-prefix-digest-seed-v1\x00"
+
+
+# --------------------------------------------------------------------------- prefix digests
+
+
+def prefix_digests(key: bytes, session_id: str, token_ids: Sequence[int],
+                   state: Optional[bytes] = None) -> tuple[list[bytes], bytes]:
+    """The prefix digests of ``token_ids`` in ``session_id``: (digests, state).
+
+    ``state_0 = HMAC-SHA-256(key, label || session_id)``, ``state_{p+1} = HMAC-SHA-256(key,
+    state_p || token_p as u32 big-endian)``; position p's digest is ``state_{p+1}[:16]``
+    (``protocol.PREFIX_DIGEST_BYTES``), so equal digests at p mean equal prefixes 0..p of
+    the same session. ``state``: continue a chain (the second value of an earlier call)
+    instead of starting at the session's seed. Returns one 16-byte digest per token and
+    the chain's last state (32 bytes). ~1 µs per token.
+    """
+    if state is None:
+        state = hmac.digest(key, PREFIX_SEED_LABEL + session_id.encode("utf-8"), "sha256")
+    out = []
+    pack = struct.Struct(">I").pack
+    for t in token_ids:
+        state = hmac.digest(key, state + pack(int(t)), "sha256")
+        out.append(state[:PREFIX_DIGEST_BYTES])
+    return out, state
 
 
 # --------------------------------------------------------------------------- stages
@@ -72,8 +115,9 @@ class LocalStage:
     async def forward(self, rows: list[dict], x: np.ndarray) -> np.ndarray:
         return await self.host.forward(rows, x)
 
-    async def session_query(self, session_id: str, token_ids: Sequence[int]) -> int:
-        cached, _ = await self.host.session_query(session_id, list(token_ids))
+    async def session_query(self, session_id: str, digests: Sequence[bytes]) -> int:
+        """How many leading positions of the prefix whose digests are ``digests`` this stage holds."""
+        cached, _ = await self.host.session_query(session_id, list(digests))
         return cached
 
     async def session_save(self, session_id: str) -> bool:
@@ -128,8 +172,10 @@ class RemoteStage:
             raise InternalError(f"worker {self.node_id} answered forward with {m.message_type}")
         return m.tensor.array
 
-    async def session_query(self, session_id: str, token_ids: Sequence[int]) -> int:
-        m = await self.request("session_query", {"token_ids": list(token_ids)}, session_id=session_id)
+    async def session_query(self, session_id: str, digests: Sequence[bytes]) -> int:
+        """How many leading positions of the prefix whose digests are ``digests`` the worker holds."""
+        m = await self.request("session_query", {"prefix_digests": protocol.b64(b"".join(digests))},
+                               session_id=session_id)
         return int(m.payload["cached_tokens"])
 
     async def session_save(self, session_id: str) -> bool:
@@ -150,18 +196,24 @@ class Chain:
         self.stages = list(stages)
 
     async def forward(self, rows: list[dict], ids: np.ndarray) -> np.ndarray:
-        """rows: FORWARD_ROWS items; ids: [N] int32 (rows' token ids concatenated)
-        -> logits [B, vocab] f32, one row per input row (its last position)."""
+        """rows: FORWARD_ROWS items with their token ids and prefix digests; ids: [N] int32 (rows'
+        token ids concatenated) -> logits [B, vocab] f32, one row per input row (its last position).
+
+        Only the stage whose range is first gets the rows' ``token_ids``; the others get the
+        rows with ``token_ids`` null (hidden states, positions and prefix digests only)."""
         x: np.ndarray = ids
+        blind = [{**r, "token_ids": None} for r in rows]
         for s in self.stages:
-            x = await s.forward(rows, x)
+            r = s.block_range
+            x = await s.forward(rows if r is not None and r.is_first else blind, x)
         return x
 
 
 class DecodeBatcher:
     """Gathers one decode step from each concurrent session into a single chain pass.
 
-    ``step(session_id, pos, token)`` -> that session's logits [vocab] f32. A pass
+    ``step(session_id, pos, token, digest)`` -> that session's logits [vocab] f32
+    (``digest``: the prefix digest of the position, see ``prefix_digests``). A pass
     starts when every session registered as decoding has asked, or after
     ``window_s``; rows run in arrival order (at most MAX_FORWARD_ROWS per pass).
     """
@@ -175,9 +227,10 @@ class DecodeBatcher:
         self.passes = 0  # chain passes run (for tests and the benchmark)
         self.rows = 0  # rows run
 
-    async def step(self, session_id: str, pos: int, token: int) -> np.ndarray:
+    async def step(self, session_id: str, pos: int, token: int, digest: bytes) -> np.ndarray:
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(({"session_id": session_id, "start_pos": pos, "n_tokens": 1, "token_ids": [int(token)]}, fut))
+        self._queue.append(({"session_id": session_id, "start_pos": pos, "n_tokens": 1, "token_ids": [int(token)],
+                             "prefix_digests": protocol.b64(digest)}, fut))
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="decode-batcher")
@@ -270,6 +323,11 @@ class NetworkInference:
         self.net, self.model, self.stages = net, model, stages
         self.batcher = DecodeBatcher(self._run_chain)
 
+    @property
+    def prefix_key(self) -> bytes:
+        """The key of the sessions' prefix digests: the admin's own stage host's (never sent)."""
+        return self.stages.local.host.prefix_key
+
     async def _run_chain(self, rows: list[dict], ids: np.ndarray) -> np.ndarray:
         return await self.stages.chain().forward(rows, ids)
 
@@ -325,12 +383,15 @@ class NetworkInference:
             raise protocol.InvalidPayload(f"sampling: {e}") from None
         ignore_eos = bool((sampling or {}).get("ignore_eos"))
         t0 = time.perf_counter()
-        cached = min(await asyncio.gather(*(s.session_query(session_id, input_ids) for s in chain.stages)))
+        key = self.prefix_key
+        digests, state = prefix_digests(key, session_id, input_ids)
+        cached = min(await asyncio.gather(*(s.session_query(session_id, digests) for s in chain.stages)))
         start = min(cached, len(input_ids) - 1)
         logits = None
         for pos in range(start, len(input_ids), PREFILL_CHUNK):
             ids = input_ids[pos:pos + PREFILL_CHUNK]
-            row = {"session_id": session_id, "start_pos": pos, "n_tokens": len(ids), "token_ids": ids}
+            row = {"session_id": session_id, "start_pos": pos, "n_tokens": len(ids), "token_ids": ids,
+                   "prefix_digests": protocol.b64(b"".join(digests[pos:pos + len(ids)]))}
             logits = (await chain.forward([row], np.asarray(ids, dtype=np.int32)))[0]
         prefill_ms = (time.perf_counter() - t0) * 1000
         decoder = Decoder(self.model.tokenizer(), params, input_ids, ignore_eos=ignore_eos)
@@ -348,7 +409,8 @@ class NetworkInference:
                                 "finish_reason": None, "usage": None})
                 if step.done:
                     break
-                logits = await self.batcher.step(session_id, pos, step.token_id)
+                (digest,), state = prefix_digests(key, session_id, [step.token_id], state)
+                logits = await self.batcher.step(session_id, pos, step.token_id, digest)
                 pos += 1
         finally:
             self.batcher.decoding -= 1
@@ -375,4 +437,4 @@ def split_session_id(session_id: str) -> tuple[str, str]:
 
 
 __all__ = ["BATCH_WINDOW_S", "Chain", "DecodeBatcher", "LocalStage", "NetworkInference", "NetworkModel",
-           "PREFILL_CHUNK", "RemoteStage", "STAGE_TIMEOUT_S", "StageSource", "split_session_id"]
+           "PREFILL_CHUNK", "RemoteStage", "STAGE_TIMEOUT_S", "StageSource", "prefix_digests", "split_session_id"]

@@ -15,7 +15,19 @@ is used again if the placement comes back to it.
 Layout of ``directory``::
 
     blocks/                    the BlockStore (sealed shards, see worker/blocks.py)
-    sessions/<key>/<id>.kv.npz one saved session per file (paged_kv.SessionStore)
+    sessions/<key>/<id>.kv.npz one saved session per file (paged_kv.SessionStore), sealed
+
+Privacy of the conversations: a session file is sealed with AES-256-GCM
+(``worker.crypto_at_rest.encrypt_blob``) under the same per-network key as the
+blocks, with associated data binding the network id, the block range and the
+file's clear header (which names the session id), so a file only opens as the
+session, range and network it was saved for; one that does not open (tampered,
+cut, another key) is logged, deleted and recomputed. Plaintext session files
+of earlier versions are deleted on sight. A stage whose range is not first
+refuses rows that carry token ids (``forward``) and records the rows' prefix
+digests instead (``worker.inference.prefix_digests``); the counts of rows
+received and of rows with token ids are kept (``forward_rows``,
+``token_id_rows``) and logged at DEBUG with each save.
 
 The core methods take and return plain data, so the admin calls them directly
 for its own stage and ``handle`` adapts them to messages arriving on a link:
@@ -43,7 +55,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import hmac
 import logging
+import struct
 import os
 import threading
 import time
@@ -58,8 +72,10 @@ from worker import protocol
 from worker.blocks import (
     BlockStatus, BlockStore, BlockStoreError, BlockTransferError, ShardIntegrityError, ShardNotFound,
 )
+from worker.crypto_at_rest import decrypt_blob, encrypt_blob
 from worker.engine.paged_kv import (
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SUFFIX, SessionFileError, SessionPagedKVCache, SessionStore, read_header,
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_SESSIONS, SUFFIX, Sealer, SessionFileError, SessionPagedKVCache, SessionStore,
+    read_header,
 )
 from worker.engine.block_range import BlockRange
 from worker.engine.gguf_file import ModelFile, ModelLoadError
@@ -67,11 +83,31 @@ from worker.engine.shardfile import ShardFile
 from worker.engine.stage import Stage
 from worker.link import LinkClosed
 from worker.protocol import Message, ProtocolError
+from worker.protocol.messages import PREFIX_DIGEST_BYTES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30  # 1 GiB of KV caches held in memory before the least recently used are saved and released
 MAX_LISTED_SESSIONS = 1000  # sessions_response holds at most this many (worker.protocol)
+_SESSION_AAD_LABEL = b"argus-kv-session-v1\x00"
+_PREFIX_KEY_LABEL = b"argus-prefix-digest-key-v1"
+
+
+def session_aad(network_id: str, block_range: BlockRange) -> bytes:
+    """Associated data of the sealed session files of ``block_range`` on ``network_id``:
+    ``label || len (u16) || network id || len (u16) || model id || start, end, total (u32 each)``;
+    the paged_kv store appends the file's clear header (session id, range, sizes)."""
+    net, model = network_id.encode("utf-8"), block_range.model_id.encode("utf-8")
+    return (_SESSION_AAD_LABEL + struct.pack(">H", len(net)) + net + struct.pack(">H", len(model)) + model
+            + struct.pack(">III", block_range.start, block_range.end, block_range.total))
+
+
+def session_sealer(key: bytes, network_id: str, block_range: BlockRange) -> Sealer:
+    """The AES-256-GCM sealer of the session files of ``block_range`` on ``network_id`` under ``key``
+    (32 bytes). Opening raises ``worker.crypto_at_rest.IntegrityError`` for anything not sealed so."""
+    aad = session_aad(network_id, block_range)
+    return Sealer(seal=lambda data, ad: encrypt_blob(key, data, aad + ad),
+                  open=lambda data, ad: decrypt_blob(key, data, aad + ad), name="AES-256-GCM")
 
 
 class StageHostError(Exception):
@@ -113,6 +149,10 @@ class StageHost:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.network_id = network_id
         self._blocks = BlockStore(self.directory / "blocks", network_id, key)
+        self._key = bytes(key)
+        self._prefix_key = hmac.digest(self._key, _PREFIX_KEY_LABEL, "sha256")
+        self.forward_rows = 0  # forward rows received (all time)
+        self.token_id_rows = 0  # ... of which carried token ids (only ever on the first range)
         self.sessions_root = self.directory / "sessions"
         self.max_session_bytes, self.max_sessions, self.max_memory_bytes = max_session_bytes, max_sessions, max_memory_bytes
         self._stage: Optional[Stage] = None
@@ -130,6 +170,12 @@ class StageHost:
     def blocks(self) -> BlockStore:
         """The encrypted store of the shards sent to this node (``directory/blocks``)."""
         return self._blocks
+
+    @property
+    def prefix_key(self) -> bytes:
+        """The key of the prefix digests the admin computes for its sessions (``worker.inference``):
+        derived from this node's network key; it never leaves this node."""
+        return self._prefix_key
 
     @property
     def stage(self) -> Optional[Stage]:
@@ -228,7 +274,10 @@ class StageHost:
         kept in ``sessions/<key>``. Runs in a loading thread."""
         cfg = mf.config
         store = SessionStore(self.sessions_root / key, block_range, cfg.n_kv_head, cfg.head_dim,
-                             max_bytes=self.max_session_bytes, max_sessions=self.max_sessions)
+                             max_bytes=self.max_session_bytes, max_sessions=self.max_sessions,
+                             sealer=session_sealer(self._key, self.network_id, block_range))
+        for _ in self._other_saved(store):  # deletes plaintext files of earlier versions in the other ranges
+            pass
         return Stage.from_model_file(mf, block_range, kv_cache=store.open), store
 
     async def _replace(self, build, shard_sha: Optional[str], what: str) -> None:
@@ -267,7 +316,10 @@ class StageHost:
         """Run this node's blocks for a batch of session rows.
 
         rows: ``worker.protocol.FORWARD_ROWS`` items (session_id, start_pos, n_tokens,
-        token_ids), at most one per session. x: first range: the rows' token ids
+        token_ids or None, prefix_digests: base64 of n_tokens 16-byte digests, or None),
+        at most one per session. Token ids are refused beyond the first range; the
+        digests (else the first range's token ids) are what the caches record.
+        x: first range: the rows' token ids
         concatenated, [N] int (N = sum of n_tokens); other ranges: hidden states
         [N, d_model] f32 (f16 accepted), rows in the same order.
         Returns: last range: logits [B, vocab] f32 of each row's last position (B = rows);
@@ -280,23 +332,43 @@ class StageHost:
         x = np.asarray(x)
         batch = []
         n_total, seen = 0, set()
+        first = stage.block_range.is_first
+        all_ids = []
+        self.forward_rows += len(rows)
         for i, r in enumerate(rows):
-            ids = [int(t) for t in r["token_ids"]]
-            if len(ids) != int(r["n_tokens"]) or not ids:
-                raise ValueError(f"row {i}: token_ids has {len(ids)} ids, n_tokens is {r['n_tokens']}")
+            n = int(r["n_tokens"])
+            ids, digests = r.get("token_ids"), r.get("prefix_digests")
+            if ids is not None:
+                self.token_id_rows += 1
+                if not first:
+                    raise ValueError(f"row {i}: token ids go only to the first blocks; blocks "
+                                     f"{range_label(stage.block_range)} take hidden states and prefix digests")
+                ids = [int(t) for t in ids]
+                if len(ids) != n:
+                    raise ValueError(f"row {i}: token_ids has {len(ids)} ids, n_tokens is {n}")
+                all_ids.append(ids)
+            if n < 1:
+                raise ValueError(f"row {i}: n_tokens is {n}")
+            if digests is not None:
+                raw = protocol.unb64(digests) if isinstance(digests, str) else bytes(digests)
+                if len(raw) != n * PREFIX_DIGEST_BYTES:
+                    raise ValueError(f"row {i}: prefix_digests holds {len(raw)} bytes, not {n} digests")
+                marks: list = [raw[j:j + PREFIX_DIGEST_BYTES] for j in range(0, len(raw), PREFIX_DIGEST_BYTES)]
+            else:
+                marks = ids if ids is not None else [None] * n
             if r["session_id"] in seen:
                 raise ValueError(f"row {i}: session {r['session_id']} appears twice in one forward")
             seen.add(r["session_id"])
-            batch.append((r["session_id"], int(r["start_pos"]), ids))
-            n_total += len(ids)
+            batch.append((r["session_id"], int(r["start_pos"]), marks))
+            n_total += n
         if not batch:
             raise ValueError("a forward needs at least one row")
         if x.shape[:1] != (n_total,):
             raise ValueError(f"the rows cover {n_total} positions, the input tensor has shape {list(x.shape)}")
-        if stage.block_range.is_first:
+        if first:
             if x.ndim != 1 or x.dtype.kind not in "iu":
                 raise ValueError(f"the first blocks take token ids [N] int, got {x.dtype}{list(x.shape)}")
-            if not np.array_equal(x, np.concatenate([ids for _, _, ids in batch])):
+            if len(all_ids) == len(batch) and not np.array_equal(x, np.concatenate(all_ids)):
                 raise ValueError("the input token ids differ from the rows' token_ids")
         elif x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] != stage.cfg.d_model:
             raise ValueError(f"blocks {stage.block_range} take hidden states [N, {stage.cfg.d_model}] float, "
@@ -312,13 +384,14 @@ class StageHost:
         self._trim_memory(stage, store, {sid for sid, _, _ in batch})
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    async def session_query(self, session_id: str, token_ids: Sequence[int]) -> tuple[int, int]:
-        """(cached_tokens, n_tokens): how many leading ``token_ids`` this node holds keys and
-        values for in ``session_id``, and how many positions it holds in all. A session
-        saved to disk (before a restart too) is loaded on this first use, nothing is
-        recomputed. Raises StageNotLoaded."""
+    async def session_query(self, session_id: str, marks: Sequence[Any]) -> tuple[int, int]:
+        """(cached_tokens, n_tokens): how many leading positions of ``marks`` (the prefix digests
+        of the sequence the admin will continue, 16 bytes each; token ids for caches that
+        recorded ids) this node holds keys and values for in ``session_id``, and how many
+        positions it holds in all. A session saved to disk (before a restart too) is loaded
+        on this first use, nothing is recomputed. Raises StageNotLoaded."""
         stage, _ = self._require()
-        ids = [int(t) for t in token_ids]
+        ids = [t if isinstance(t, bytes) else int(t) for t in marks]
 
         def query() -> tuple[int, int]:
             cached = stage.cached_prefix(session_id, ids)
@@ -341,6 +414,9 @@ class StageHost:
             if not isinstance(cache, SessionPagedKVCache) or cache.n_tokens == 0:
                 return False
             store.save(session_id, cache)
+            log.debug("network %s: saved session %s of blocks %s (%d positions, %s); forward rows received: %d, "
+                      "with token ids: %d", self.network_id, session_id, range_label(stage.block_range), cache.n_tokens,
+                      store.sealer.name if store.sealer else "plaintext", self.forward_rows, self.token_id_rows)
             return True
 
         return await self._run(save)
@@ -407,7 +483,8 @@ class StageHost:
         return await self._run(listing)
 
     def _other_saved(self, current: Optional[SessionStore]):
-        """(path, header) of the session files saved for other ranges than ``current``'s."""
+        """(path, header) of the sealed session files saved for other ranges than ``current``'s;
+        plaintext files of earlier versions met on the way are deleted (WARNING)."""
         if not self.sessions_root.is_dir():
             return
         for d in sorted(self.sessions_root.iterdir()):
@@ -415,9 +492,15 @@ class StageHost:
                 continue
             for path in sorted(d.glob(f"*{SUFFIX}")):
                 try:
-                    yield path, read_header(path)
+                    header = read_header(path)
                 except SessionFileError:
                     continue
+                if not header.get("sealed"):
+                    path.unlink(missing_ok=True)
+                    log.warning("network %s: deleted a plaintext saved session of an earlier version: %s",
+                                self.network_id, path)
+                    continue
+                yield path, header
 
     # --- memory --------------------------------------------------------------------------
     def _touch(self, session_id: str) -> None:
@@ -501,7 +584,9 @@ class StageHost:
                          tensor=out)
 
     async def _on_session_query(self, link: Any, m: Message) -> None:
-        cached, n = await self.session_query(m.session_id, m.payload["token_ids"])
+        raw = protocol.unb64(m.payload["prefix_digests"])
+        digests = [raw[i:i + PREFIX_DIGEST_BYTES] for i in range(0, len(raw), PREFIX_DIGEST_BYTES)]
+        cached, n = await self.session_query(m.session_id, digests)
         store = self._store
         saved = store is not None and m.session_id in store
         await link.reply(m, "session_info", {"cached_tokens": cached, "n_tokens": n, "saved": saved})
@@ -576,4 +661,5 @@ class StageHost:
         self._blocks.close()
 
 
-__all__ = ["DEFAULT_MAX_MEMORY_BYTES", "StageHost", "StageHostError", "StageNotLoaded", "WrongBlockRange", "range_label"]
+__all__ = ["DEFAULT_MAX_MEMORY_BYTES", "StageHost", "StageHostError", "StageNotLoaded", "WrongBlockRange", "range_label",
+           "session_aad", "session_sealer"]

@@ -112,6 +112,7 @@ class JarvisArgus:
         self.sessions = Sessions(self.data_layer)
         #: Server-wide objects commands use (CommandContext.services), by name.
         self.services: dict[str, Any] = {}
+        self.data_layer.services = self.services  # a sidebar delete drops the network session too
         self.remote = Remote(settings, self.store)
         self.admins = AdminChats(self.store, self.remote)
         self.remote.on_invalid = self.admins.tell_invalid

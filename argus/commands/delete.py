@@ -1,8 +1,6 @@
 """``/delete`` then ``/delete confirm`` — delete the current conversation for good."""
 from __future__ import annotations
 
-import logging
-
 from argus.commands.base import (
     Command,
     CommandContext,
@@ -12,9 +10,8 @@ from argus.commands.base import (
     new_thread_id,
     one_line,
 )
+from argus.network_choice import drop_conversation_session
 from argus.store.base import NotFound
-
-log = logging.getLogger("argus.commands.delete")
 
 #: Seconds a ``/delete`` waits for its ``/delete confirm``.
 CONFIRM_WINDOW_S = 120.0
@@ -69,19 +66,10 @@ async def run(ctx: CommandContext, args: str) -> str:
 
 
 async def _drop_network_session(ctx: CommandContext, conversation_id: str) -> None:
-    """Forget the conversation's KV-cache session on the network in use (its token ids are
-    the conversation's text). Best effort: no daemon or no network in use leaves nothing to do,
-    and a failure is logged, never shown (the conversation itself is already deleted)."""
-    choice, daemon = ctx.services.get("network_choice"), ctx.services.get("daemon")
-    network_id = choice.current_network() if choice is not None else None
-    if daemon is None or not network_id:
-        return
-    try:
-        from worker.control import session_id_for
-
-        await daemon.call("session_drop", network_id=network_id, session_id=session_id_for(network_id, conversation_id))
-    except Exception as e:  # DaemonUnavailable, ControlError, ValueError: the session stays until evicted
-        log.info("could not drop the network session of a deleted conversation: %s", e)
+    """Forget the conversation's KV-cache session on the network in use (the same path as a
+    delete from the sidebar: ``argus.network_choice.drop_conversation_session``; best effort,
+    logged, never shown: the conversation itself is already deleted)."""
+    await drop_conversation_session(ctx.services, conversation_id)
 
 
 COMMAND = Command(

@@ -16,7 +16,7 @@ from tests.support.reference import reference
 from worker.engine import BlockRange, ModelFile, Pipeline, Stage, default_model_path
 from worker.engine.model import prefill
 from worker.engine.paged_kv import (
-    PAGE_TOKENS, IncompatibleSessionFile, SessionFileError, SessionPagedKVCache, SessionStore, read_header,
+    PAGE_TOKENS, IncompatibleSessionFile, Sealer, SessionFileError, SessionPagedKVCache, SessionStore, read_header,
 )
 
 CASES = ["france", "persian_greeting"]
@@ -344,3 +344,104 @@ def test_an_interrupted_save_keeps_the_previous_file(local_model, tmp_path, monk
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["s.kv.npz"]  # no temporary file left behind
     assert store.load("s").token_ids == ids[:10]
+
+
+# (7) prefix digests instead of token ids, and sealed files (issue 13, finding 11) ----------------
+
+def toy_sealer(key: bytes = b"k" * 32):
+    """A stand-in for the daemon's AES-GCM sealer (the engine knows no cryptography): XOR with a
+    keystream and an HMAC tag over the associated data and the ciphertext."""
+    import hashlib
+    import hmac
+
+    def stream(n):
+        return (hashlib.sha256(key).digest() * (n // 32 + 1))[:n]
+
+    def seal(data, ad):
+        ct = bytes(a ^ b for a, b in zip(data, stream(len(data))))
+        return ct + hmac.digest(key, ad + ct, "sha256")
+
+    def open_(blob, ad):
+        ct, tag = blob[:-32], blob[-32:]
+        if not hmac.compare_digest(tag, hmac.digest(key, ad + ct, "sha256")):
+            raise ValueError("tag mismatch")
+        return bytes(a ^ b for a, b in zip(ct, stream(len(ct))))
+
+    return Sealer(seal=seal, open=open_, name="toy")
+
+
+def digests(n: int, salt: int = 0) -> list[bytes]:
+    return [bytes([0xAA, salt, i % 256, i // 256]) + bytes(12) for i in range(n)]  # never all zeros (unknown)
+
+
+def test_a_stage_given_prefix_digests_records_and_matches_them_instead_of_token_ids(local_model, tmp_path):
+    p = chain(local_model, 10, paged(local_model))
+    ids = reference("france")["prompt_ids"]
+    marks = digests(len(ids))
+    h = p.stages[0].forward("s", np.array(ids), 0, token_ids=marks)
+    p.stages[1].forward_batch([("s", 0, marks)], h)
+    for s in p.stages[:2]:
+        cache = s.session_cache("s")
+        assert cache.token_ids == [-1] * len(ids) and cache.marks == marks
+        assert s.cached_prefix("s", marks + digests(3, salt=9)) == len(ids)
+        assert s.cached_prefix("s", marks[:5] + digests(len(ids), salt=1)[5:]) == 5
+        assert s.cached_prefix("s", ids) == 0  # token ids never match digests
+    store = SessionStore(tmp_path, p.stages[1].block_range, p.stages[1].cfg.n_kv_head, p.stages[1].cfg.head_dim)
+    store.save("s", p.stages[1].session_cache("s"))
+    assert store.load("s").marks == marks
+
+
+def test_a_sealed_store_writes_no_archive_and_loads_what_it_sealed(local_model, tmp_path):
+    r = BlockRange(local_model.model_id, 0, 10, 30)
+    cfg = local_model.pipeline.stages[0].cfg
+    ids = reference("france")["prompt_ids"]
+    store = SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim, sealer=toy_sealer())
+    cache = a_cache(local_model, r, ids)
+    saved = store.save("s", cache)
+    data = saved.path.read_bytes()
+    assert data[:4] == b"AKVS" and b"PK\x03\x04" not in data
+    assert np.asarray(ids, np.int64).tobytes() not in data
+    h = read_header(saved.path)
+    assert h["sealed"] is True and h["session_id"] == "s" and h["n_tokens"] == len(ids)
+
+    restarted = SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim, sealer=toy_sealer())
+    loaded = restarted.load("s")
+    assert loaded.token_ids == ids
+    for name, a in cache.arrays().items():
+        np.testing.assert_array_equal(loaded.arrays()[name], a)
+    with pytest.raises(SessionFileError, match="no key"):  # a sealed file without the sealer
+        SessionPagedKVCache(r, cfg.n_kv_head, cfg.head_dim).load_from_disk(saved.path)
+
+
+@pytest.mark.parametrize("how", ["flip_body", "flip_header", "other_key", "truncated"])
+def test_a_sealed_file_that_does_not_open_is_dropped_with_a_warning(local_model, tmp_path, caplog, how):
+    r = BlockRange(local_model.model_id, 0, 10, 30)
+    cfg = local_model.pipeline.stages[0].cfg
+    ids = reference("france")["prompt_ids"]
+    store = SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim, sealer=toy_sealer())
+    path = store.save("s", a_cache(local_model, r, ids)).path
+    data = bytearray(path.read_bytes())
+    sealer = toy_sealer()
+    if how == "flip_body":
+        data[-100] ^= 0x40
+    elif how == "flip_header":
+        data[:] = bytes(data).replace(b'"saved_at": 17', b'"saved_at": 16', 1)  # same length, another claim
+    elif how == "other_key":
+        sealer = toy_sealer(b"x" * 32)
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="worker.engine.paged_kv"):
+        restarted = SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim, sealer=sealer)
+        assert restarted.load("s") is None and restarted.open("s").n_tokens == 0
+    assert "does not open" in caplog.text and not path.exists()
+
+
+def test_a_plaintext_file_in_a_sealed_store_is_deleted(local_model, tmp_path, caplog):
+    r = BlockRange(local_model.model_id, 0, 10, 30)
+    cfg = local_model.pipeline.stages[0].cfg
+    SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim).save("s", a_cache(local_model, r, [1, 2, 3]))
+    with caplog.at_level(logging.WARNING, logger="worker.engine.paged_kv"):
+        sealed = SessionStore(tmp_path, r, cfg.n_kv_head, cfg.head_dim, sealer=toy_sealer())
+    assert sealed.sessions() == [] and os.listdir(tmp_path) == []
+    assert "plaintext file in a sealed store" in caplog.text

@@ -4,7 +4,9 @@ reference's greedy ids, concurrent sessions, KV sessions that survive a worker r
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +223,99 @@ async def test_sessions_survive_a_worker_restart_without_recompute(procs, networ
     assert dropped["dropped"] == 3
     listing = (await admin.call("sessions_list", network_id=network))["sessions"]
     assert not [s for s in listing if s["session_id"] == mine[0]["session_id"]]
+
+
+# ---- what the workers learn of a conversation (issue 13, finding 11) ---------------------------
+
+def _id_patterns(ids: list[int], width: int = 6) -> list[bytes]:
+    """Every run of ``width`` consecutive prompt ids as a file could hold it: int32/int64 in both
+    byte orders, and as JSON/Python list text."""
+    out = []
+    for i in range(0, len(ids) - width + 1):
+        run = ids[i:i + width]
+        out += [np.asarray(run, dt).tobytes() for dt in ("<i4", "<i8", ">i4", ">i8")]
+        out += [", ".join(map(str, run)).encode(), ",".join(map(str, run)).encode()]
+    return out
+
+
+def _files_of(d) -> list[Path]:
+    files = [p for p in d.data_dir.rglob("*") if p.is_file()]
+    return files + ([d.log_path] if d.log_path.exists() else [])
+
+
+def _session_files(d, network: str, session_key: str) -> list[Path]:
+    """The saved session files of ``<network>.<session_key>`` on daemon ``d`` (by their clear header)."""
+    from worker.engine.paged_kv import read_header
+
+    root = d.data_dir / "networks" / network / "stage" / "sessions"
+    return [p for p in root.glob("*/*.kv.npz") if read_header(p).get("session_id") == f"{network}.{session_key}"]
+
+
+def _open_session_file(d, network: str, path: Path) -> bytes:
+    """The archive inside a worker's sealed session file, opened with that worker's network key."""
+    from worker.crypto_at_rest import decrypt_blob
+    from worker.engine import BlockRange
+    from worker.stage_host import session_aad
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[5:9], "big")
+    head = data[:9 + n]
+    meta = json.loads(head[9:])
+    r = BlockRange(meta["model_id"], meta["block_start"], meta["block_end"], meta["block_total"])
+    key = (d.data_dir / "networks" / network / "blocks.key").read_bytes()
+    return decrypt_blob(key, data[len(head):], session_aad(network, r) + head)
+
+
+async def test_workers_after_the_first_never_receive_or_keep_the_prompts_token_ids(procs, network, local_model):
+    admin, w1, w2 = procs["admin"], procs["w1"], procs["w2"]
+    await wait_for(lambda: _ready(admin, network), timeout=120, what="ready")
+    tok = local_model.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": "My bank PIN is 4711 and my cat is called Whiskers."}])
+    ids, _, usage = await infer(admin, network, "private", prompt, 8)
+    assert usage["stages"] == 3 and ids == greedy_ids(local_model, prompt, 8)
+    patterns = _id_patterns(prompt)
+    for w in (w1, w2):
+        # the forward rows this worker received carried no token ids (its stage host counts them)
+        counts = re.findall(r"forward rows received: (\d+), with token ids: (\d+)", w.log())
+        assert counts and int(counts[-1][0]) > 0, w.name
+        assert all(t == "0" for _, t in counts), counts
+        # nothing it keeps (blocks, sessions, events, config, its log) holds a run of the prompt's ids
+        for path in _files_of(w):
+            data = path.read_bytes()
+            assert not any(pat in data for pat in patterns), f"{w.name}: {path} holds the prompt's token ids"
+        # its session file is sealed: no archive without the key, the archive with it
+        [path] = _session_files(w, network, "private")
+        data = path.read_bytes()
+        assert data[:4] == b"AKVS" and b"PK\x03\x04" not in data
+        archive = _open_session_file(w, network, path)
+        assert archive[:4] == b"PK\x03\x04"
+        with np.load(io.BytesIO(archive)) as z:
+            assert set(z["token_ids"].tolist()) == {-1} and z["digests"].shape[1] == 16
+
+
+async def test_a_tampered_session_file_on_a_worker_is_refused_and_the_next_turn_answers_right(procs, network, local_model):
+    admin, w2 = procs["admin"], procs["w2"]
+    await wait_for(lambda: _ready(admin, network), timeout=120, what="ready")
+    tok = local_model.tokenizer
+    turn1 = tok.encode_chat([{"role": "user", "content": "Tell me about owls."}])
+    ids1, _, _ = await infer(admin, network, "tampered", turn1, 8)
+    [path] = _session_files(w2, network, "tampered")
+    w2.stop()  # so that the next turn reads the file, not the cache in memory
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    restarted = start_daemon(w2.data_dir, "w2")
+    procs["w2"] = restarted
+    await wait_for(lambda: _ready(admin, network), timeout=120, what="ready after the restart")
+
+    turn2 = turn1 + ids1 + tok.encode("\nAnd eagles?")
+    ids2, _, u2 = await infer(admin, network, "tampered", turn2, 8)
+    assert ids2 == greedy_ids(local_model, turn2, 8)  # recomputed, the same answer
+    assert u2["cached_tokens"] == 0  # the last stage had nothing usable: every stage started over
+    log = restarted.log()
+    assert "does not open" in log and "Traceback" not in log[-20000:]
+    [again] = _session_files(restarted, network, "tampered")
+    assert _open_session_file(restarted, network, again)[:4] == b"PK\x03\x04"  # saved anew after the answer
 
 
 async def test_a_vanished_worker_gives_a_clear_error(procs, network, local_model):

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
+import logging
 
 import numpy as np
 import pytest
 
 from tests.support.reference import reference, reference_logits
 from worker import protocol
-from worker.crypto_at_rest import generate_key
+from worker.crypto_at_rest import decrypt_blob, generate_key
 from worker.engine import BlockRange, ModelFile, Stage, default_model_path
 from worker.protocol import SESSION_FIELDS, check_schema
-from worker.stage_host import StageHost, StageNotLoaded, WrongBlockRange
+from worker.inference import prefix_digests
+from worker.stage_host import StageHost, StageNotLoaded, WrongBlockRange, session_aad
 
 NET = "net-home"
 FRANCE, PERSIAN = reference("france"), reference("persian_greeting")
@@ -41,9 +45,27 @@ def rng(mf, start, end) -> BlockRange:
     return BlockRange(mf.model_id, start, end, mf.config.n_block)
 
 
+DIGEST_KEY = bytes(range(32))  # the admin's prefix-digest key in these tests
+_TRANSCRIPT: dict[str, list[int]] = {}  # session -> the tokens its rows have covered (for the digest chain)
+
+
+def digests_of(session_id: str, ids) -> list[bytes]:
+    """The prefix digests of ``ids`` in ``session_id``, as the admin computes them."""
+    return prefix_digests(DIGEST_KEY, session_id, [int(t) for t in ids])[0]
+
+
 def row(session_id: str, start_pos: int, ids) -> dict:
+    """A forward row as the admin builds it for the first range: token ids and prefix digests."""
     ids = [int(t) for t in ids]
-    return {"session_id": session_id, "start_pos": start_pos, "n_tokens": len(ids), "token_ids": ids}
+    seq = _TRANSCRIPT[session_id] = _TRANSCRIPT.get(session_id, [])[:start_pos] + ids
+    digests = digests_of(session_id, seq)[start_pos:] if len(seq) == start_pos + len(ids) else None
+    return {"session_id": session_id, "start_pos": start_pos, "n_tokens": len(ids), "token_ids": ids,
+            "prefix_digests": protocol.b64(b"".join(digests)) if digests else None}
+
+
+def blind(rows) -> list[dict]:
+    """The rows as a later range gets them (``inference.Chain``): no token ids."""
+    return [{**r, "token_ids": None} for r in rows]
 
 
 async def host_for(tmp_path, key, mf, start, end, name="node", model=None, **limits) -> StageHost:
@@ -57,7 +79,7 @@ async def chain_forward(hosts, rows):
     """Run rows through hosts in order; x starts as the rows' token ids (int32, as the admin sends)."""
     x = np.concatenate([np.asarray(r["token_ids"], np.int32) for r in rows])
     for h in hosts:
-        x = await h.forward(rows, x)
+        x = await h.forward(rows if h.block_range.is_first else blind(rows), x)
     return x
 
 
@@ -141,13 +163,13 @@ async def test_saved_session_resumes_after_restart_without_recompute(tmp_path, k
     after = await host_for(tmp_path, key, mf, 0, mf.config.n_block, model=mf.path)  # the daemon restarted
     try:
         assert after.memory_sessions() == []
-        cached, n_tokens = await after.session_query("conv-1", prompt + [nxt])
+        cached, n_tokens = await after.session_query("conv-1", digests_of("conv-1", prompt + [nxt]))
         assert (cached, n_tokens) == (len(prompt), len(prompt))
         assert after.stage.session_cache("conv-1").computed_positions == 0  # loaded, not recomputed
         logits = (await chain_forward([after], [row("conv-1", cached, [nxt])]))[0]
         assert after.stage.session_cache("conv-1").computed_positions == 1  # only the new token ran
         np.testing.assert_allclose(logits, expected, atol=1e-5)
-        assert await after.session_query("other", prompt) == (0, 0)
+        assert await after.session_query("other", digests_of("other", prompt)) == (0, 0)
     finally:
         after.close()
 
@@ -162,7 +184,7 @@ async def test_drop_forgets_a_session_in_memory_and_on_disk(tmp_path, key, mf):
         assert await host.session_drop("conv-1") is True
         assert not saved.exists() and host.memory_sessions() == []
         assert await host.session_drop("conv-1") is False
-        assert await host.session_query("conv-1", [1, 2, 3, 4]) == (0, 0)
+        assert await host.session_query("conv-1", digests_of("conv-1", [1, 2, 3, 4])) == (0, 0)
     finally:
         host.close()
 
@@ -194,7 +216,7 @@ async def test_memory_over_the_limit_saves_and_releases_the_least_recently_used(
         await chain_forward([host], [row("new", 0, [4, 5])])
         assert host.memory_sessions() == ["new"]
         assert "old" in host.session_store
-        assert await host.session_query("old", [1, 2, 3, 9]) == (3, 3)
+        assert await host.session_query("old", digests_of("old", [1, 2, 3, 9])) == (3, 3)
         assert host.stage.session_cache("old").computed_positions == 0
     finally:
         host.close()
@@ -209,7 +231,7 @@ async def test_a_new_range_keeps_old_sessions_apart_and_drop_reaches_them(tmp_pa
         await host.load_from_model(mf, rng(mf, 0, 3))  # the placement moved
         assert host.block_range == rng(mf, 0, 3)
         assert old_file.exists() and old_file.parent != host.session_store.directory
-        assert await host.session_query("conv-1", [1, 2, 3]) == (0, 0)  # incompatible: not used
+        assert await host.session_query("conv-1", digests_of("conv-1", [1, 2, 3])) == (0, 0)  # incompatible: not used
         listing = await host.sessions()
         assert [(e["session_id"], e["block_range"], e["in_memory"]) for e in listing] == [("conv-1", "0-1", False)]
         assert await host.session_drop("conv-1") is True
@@ -291,12 +313,13 @@ async def test_blocks_sent_over_the_link_are_loaded_and_run_the_last_blocks(tmp_
         prompt = FRANCE["prompt_ids"]
         rows = [row("fr", 0, prompt)]
         hidden = await admin.forward(rows, np.asarray(prompt, np.int32))
-        fwd = incoming("forward", {"block_range": protocol.block_range_to_wire(tail), "rows": rows},
+        fwd = incoming("forward", {"block_range": protocol.block_range_to_wire(tail), "rows": blind(rows)},
                        session_id="fr", tensor=hidden)
         assert await worker.handle(link, fwd)
         answer = link.last()
         assert answer.message_type == "forward_result" and answer.request_id == fwd.request_id
-        assert answer.payload["rows"] == rows and answer.tensor.array.dtype == np.float32
+        assert answer.payload["rows"] == blind(rows) and answer.tensor.array.dtype == np.float32
+        assert (worker.forward_rows, worker.token_id_rows) == (1, 0)
         np.testing.assert_allclose(answer.tensor.array[0], reference_logits("france"), atol=1e-3)
 
         again = await send_shard(worker, link, shard, chunk_bytes=8 << 20, epoch=2)  # nothing resent
@@ -320,7 +343,8 @@ async def test_session_messages_are_answered_with_session_info_and_sessions_resp
         await chain_forward([host], [row("conv-1", 0, [1, 2, 3])])
         await host.handle(link, incoming("session_save", session_id="conv-1"))
         assert link.last().payload == {"cached_tokens": 3, "n_tokens": 3, "saved": True}
-        await host.handle(link, incoming("session_query", {"token_ids": [1, 2, 7]}, session_id="conv-1"))
+        query = {"prefix_digests": protocol.b64(b"".join(digests_of("conv-1", [1, 2, 7])))}
+        await host.handle(link, incoming("session_query", query, session_id="conv-1"))
         assert link.last().message_type == "session_info"
         assert link.last().payload == {"cached_tokens": 2, "n_tokens": 3, "saved": True}
         await host.handle(link, incoming("sessions_request"))
@@ -368,3 +392,109 @@ async def test_failures_become_error_replies_and_other_types_are_left_alone(tmp_
         assert len(link.sent) == n
     finally:
         host.close()
+
+
+# --------------------------------------------------------------------------- privacy (issue 13, finding 11)
+
+
+def int_bytes(ids) -> list[bytes]:
+    """The token ids as they would sit in a file: int32 and int64, both byte orders."""
+    return [np.asarray(ids, dt).tobytes() for dt in ("<i4", "<i8", ">i4", ">i8")]
+
+
+async def test_session_files_are_sealed_with_the_network_key_and_hold_no_token_ids(tmp_path, key, mf):
+    prompt = FRANCE["prompt_ids"]
+    host = await host_for(tmp_path, key, mf, 0, 2)
+    try:
+        await chain_forward([host], [row("conv-1", 0, prompt)])
+        assert await host.session_save("conv-1")
+        data = host.session_store.path_for("conv-1").read_bytes()
+    finally:
+        host.close()
+    assert data[:4] == b"AKVS" and b"PK\x03\x04" not in data[:64]  # not a zip/npz archive
+    assert not any(b in data for b in int_bytes(prompt))
+    n = int.from_bytes(data[5:9], "big")
+    head = data[:9 + n]
+    meta = json.loads(head[9:])
+    assert meta["session_id"] == "conv-1" and meta["n_tokens"] == len(prompt)
+    archive = decrypt_blob(key, data[len(head):], session_aad(NET, rng(mf, 0, 2)) + head)
+    assert archive[:4] == b"PK\x03\x04"
+    with np.load(io.BytesIO(archive)) as z:
+        assert z["token_ids"].tolist() == [-1] * len(prompt)  # the first range records digests, not ids
+        assert z["digests"].shape == (len(prompt), 16)
+    with pytest.raises(Exception):
+        decrypt_blob(generate_key(), data[len(head):], session_aad(NET, rng(mf, 0, 2)) + head)
+    with pytest.raises(Exception):  # the associated data binds the network
+        decrypt_blob(key, data[len(head):], session_aad("net-other", rng(mf, 0, 2)) + head)
+
+
+@pytest.mark.parametrize("how", ["ciphertext", "header", "other_network"])
+async def test_a_tampered_session_file_is_refused_logged_and_recomputed(tmp_path, key, mf, caplog, how):
+    prompt = FRANCE["prompt_ids"]
+    host = await host_for(tmp_path, key, mf, 0, mf.config.n_block)
+    await chain_forward([host], [row("conv-1", 0, prompt)])
+    await host.session_save("conv-1")
+    path = host.session_store.path_for("conv-1")
+    host.close()
+    data = bytearray(path.read_bytes())
+    network = NET
+    if how == "ciphertext":
+        data[len(data) // 2] ^= 0x01
+    elif how == "header":  # the clear header says something else than was sealed (same length)
+        data[:] = bytes(data).replace(b'"saved_at": 17', b'"saved_at": 16', 1)
+    else:
+        network = "net-elsewhere"  # the same key and directory, another network: the file is not its
+    path.write_bytes(bytes(data))
+
+    after = StageHost(tmp_path / "node", network, key)
+    await after.load_from_model(mf, rng(mf, 0, mf.config.n_block))
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.engine.paged_kv"):
+            assert await after.session_query("conv-1", digests_of("conv-1", prompt)) == (0, 0)
+        assert "does not open" in caplog.text and not path.exists()
+        _TRANSCRIPT.pop("conv-1", None)
+        assert await greedy([after], "conv-1", prompt, 6) == FRANCE["greedy_ids"][:6]  # recomputed, same answer
+    finally:
+        after.close()
+
+
+async def test_a_later_range_refuses_token_ids_and_keeps_only_digests(tmp_path, key, mf):
+    prompt = FRANCE["prompt_ids"]
+    first = await host_for(tmp_path, key, mf, 0, 13, name="a")
+    last = await host_for(tmp_path, key, mf, 13, mf.config.n_block, name="b")
+    try:
+        rows = [row("conv-1", 0, prompt)]
+        hidden = await first.forward(rows, np.asarray(prompt, np.int32))
+        with pytest.raises(ValueError, match="token ids go only to the first blocks"):
+            await last.forward(rows, hidden)
+        assert last.memory_sessions() == [] and (last.forward_rows, last.token_id_rows) == (1, 1)
+        await last.forward(blind(rows), hidden)
+        cache = last.stage.session_cache("conv-1")
+        assert cache.token_ids == [-1] * len(prompt) and all(isinstance(m, bytes) for m in cache.marks)
+        assert await last.session_query("conv-1", digests_of("conv-1", prompt + [5])) == (len(prompt), len(prompt))
+        assert await last.session_query("conv-1", digests_of("conv-2", prompt)) == (0, len(prompt))  # another chain
+        assert await last.session_save("conv-1")
+        data = last.session_store.path_for("conv-1").read_bytes()
+        assert not any(b in data for b in int_bytes(prompt))
+    finally:
+        first.close()
+        last.close()
+
+
+async def test_plaintext_session_files_of_an_earlier_version_are_deleted(tmp_path, key, mf, caplog):
+    from worker.engine.paged_kv import SessionPagedKVCache
+
+    host = await host_for(tmp_path, key, mf, 0, 2)
+    await chain_forward([host], [row("conv-1", 0, [1, 2, 3])])
+    cache = host.stage.session_cache("conv-1")
+    plain = host.session_store.path_for("conv-1")
+    cache.save_to_disk(plain, "conv-1")  # no sealer: as versions before the fix wrote it
+    assert plain.read_bytes()[:4] == b"PK\x03\x04" and isinstance(cache, SessionPagedKVCache)
+    host.close()
+    with caplog.at_level(logging.WARNING):
+        after = await host_for(tmp_path, key, mf, 0, 2)
+    try:
+        assert not plain.exists() and "conv-1" not in after.session_store
+        assert "plaintext" in caplog.text
+    finally:
+        after.close()

@@ -27,11 +27,16 @@ RANGE = {"model_id": "smollm2-135M-32c0b8179c87", "start": 0, "end": 15, "total"
 SESSION = "net-1.conv-42"  # <network_id>.<conversation key>, docs/PROTOCOL.md
 SHA_MODEL, SHA_SHARD, SHA_CHUNK = "5f" * 32, "a3" * 32, "0c" * 32  # hex SHA-256 digests
 PROMPT = [1, 9690, 198, 2683]
-ROWS = [  # a prefill row and a decode row of another conversation, batched
-    {"session_id": SESSION, "start_pos": 0, "n_tokens": 4, "token_ids": PROMPT},
-    {"session_id": "net-1.conv-7", "start_pos": 37, "n_tokens": 1, "token_ids": [314]},
+DIGESTS4 = base64.b64encode(bytes(range(64))).decode()  # 4 prefix digests of 16 bytes (one per position)
+DIGEST1 = base64.b64encode(bytes(range(100, 116))).decode()
+ROWS = [  # a prefill row and a decode row of another conversation, batched, to the first range (token ids)
+    {"session_id": SESSION, "start_pos": 0, "n_tokens": 4, "token_ids": PROMPT, "prefix_digests": DIGESTS4},
+    {"session_id": "net-1.conv-7", "start_pos": 37, "n_tokens": 1, "token_ids": [314], "prefix_digests": DIGEST1},
 ]
 ROW0, ROW1 = ROWS
+#: The same rows as a later range gets them: no token ids, the prefix digests only.
+BLIND_ROWS = [r | {"token_ids": None} for r in ROWS]
+LATER_RANGE = RANGE | {"start": 15, "end": 30}
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1234, "repetition_penalty": 1.1, "ignore_eos": False}
 USAGE = {"prompt_tokens": 4, "cached_tokens": 0, "completion_tokens": 12, "prefill_ms": 41.5, "decode_tokens_s": 38.2}
 SESSION_ROW = {"session_id": SESSION, "n_tokens": 41, "bytes": 2957312, "saved_at": 1699999990.5, "in_memory": True,
@@ -65,8 +70,8 @@ SAMPLES: dict[str, tuple[dict, str | None]] = {
                             "usage": None}, SESSION),
     "inference_cancel": ({}, SESSION),
     "forward": ({"block_range": RANGE, "rows": ROWS}, SESSION),
-    "forward_result": ({"block_range": RANGE, "rows": ROWS}, SESSION),
-    "session_query": ({"token_ids": PROMPT}, SESSION),
+    "forward_result": ({"block_range": LATER_RANGE, "rows": BLIND_ROWS}, SESSION),
+    "session_query": ({"prefix_digests": DIGESTS4}, SESSION),
     "session_save": ({}, SESSION),
     "session_drop": ({}, SESSION),
     "session_info": ({"cached_tokens": 4, "n_tokens": 41, "saved": True}, SESSION),

@@ -99,9 +99,10 @@ async def link_pair(members):
 
 
 def rows_for(session_id: str, start_pos: int, n_tokens: int, token_ids: list[int] | None = None) -> list[dict]:
-    """One FORWARD_ROWS item; token ids default to arbitrary ones derived from the positions."""
-    ids = [(start_pos + i) % 49152 for i in range(n_tokens)] if token_ids is None else token_ids
-    return [{"session_id": session_id, "start_pos": start_pos, "n_tokens": n_tokens, "token_ids": ids}]
+    """One FORWARD_ROWS item: arbitrary prefix digests, and the token ids when given (the first range only)."""
+    digests = protocol.b64(bytes((start_pos + i) % 256 for i in range(16 * n_tokens)))
+    return [{"session_id": session_id, "start_pos": start_pos, "n_tokens": n_tokens, "token_ids": token_ids,
+             "prefix_digests": digests}]
 
 
 def forward(session_id: str = "net-1.conv-1", start_pos: int = 0, n_tokens: int = 5,

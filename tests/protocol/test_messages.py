@@ -42,6 +42,9 @@ from tests.protocol.samples import (
     ROW0,
     ROW1,
     ROWS,
+    BLIND_ROWS,
+    DIGEST1,
+    LATER_RANGE,
     SAMPLES,
     SAMPLING,
     SENDERS,
@@ -72,14 +75,15 @@ def test_every_message_type_round_trips_through_json_text(message_type):
 
 def test_block_range_travels_as_the_engine_value():
     r = BlockRange("smollm2-135M-32c0b8179c87", 15, 30, 30)
-    m = make_message("forward", {"block_range": block_range_to_wire(r), "rows": ROWS}, network_id=NET,
+    m = make_message("forward", {"block_range": block_range_to_wire(r), "rows": BLIND_ROWS}, network_id=NET,
                      session_id="s", timestamp=NOW)
     assert block_range_from_wire(decode(encode_message(m)).payload["block_range"]) == r
     assert r.is_last and not r.is_first
 
 
 def test_forward_batches_at_most_max_forward_rows_sessions():
-    rows = [{"session_id": f"net-1.c{i}", "start_pos": i, "n_tokens": 1, "token_ids": [i]} for i in range(64)]
+    rows = [{"session_id": f"net-1.c{i}", "start_pos": i, "n_tokens": 1, "token_ids": [i], "prefix_digests": DIGEST1}
+            for i in range(64)]
     assert MAX_FORWARD_ROWS == 64
     m = make_message("forward", {"block_range": RANGE, "rows": rows}, network_id=NET, session_id="batch-1")
     assert [r["session_id"] for r in decode(encode_message(m), max_skew=None).payload["rows"]] == [
@@ -90,10 +94,14 @@ def test_forward_batches_at_most_max_forward_rows_sessions():
 
 
 def test_a_full_length_prefill_forward_fits_one_text_frame():
-    """8192 token ids of the largest value still encode under the 1 MiB text-frame limit."""
+    """8192 token ids of the largest value and their 8192 prefix digests still encode under the 1 MiB
+    text-frame limit, and so does a session_query of the longest sequence."""
     ids = [2**31 - 1] * MAX_INPUT_IDS
     row = {"session_id": SESSION, "start_pos": MAX_TOTAL_LENGTH - MAX_INPUT_IDS, "n_tokens": MAX_INPUT_IDS,
-           "token_ids": ids}
+           "token_ids": ids, "prefix_digests": base64.b64encode(b"\xff" * 16 * MAX_INPUT_IDS).decode()}
+    query = make_message("session_query", {"prefix_digests": base64.b64encode(b"\xff" * 16 * MAX_TOTAL_LENGTH).decode()},
+                         network_id=NET, session_id=SESSION)
+    assert len(encode_message(query).encode()) < MAX_JSON_FRAME_BYTES
     text = encode_message(make_message("forward", {"block_range": RANGE, "rows": [row]}, network_id=NET,
                                        session_id=SESSION))
     assert len(text.encode()) < MAX_JSON_FRAME_BYTES
@@ -265,13 +273,26 @@ PAYLOAD_CASES = [
     ("forward", {"rows": [ROW0 | {"n_tokens": 8193, "token_ids": [1] * 8193}]}, "payload.rows[0].n_tokens must be in 1..8192"),
     ("forward", {"rows": [ROW0 | {"token_ids": [1, -2, 3, 4]}]}, "payload.rows[0].token_ids[1] must be an integer in 0..2147483647"),
     ("forward", {"rows": [ROW0 | {"token_ids": [1, 2, 3.0, 4]}]}, "payload.rows[0].token_ids[2] must be an integer"),
-    ("forward_result", {"rows": [ROW1, ROW1]}, "payload.rows[1]: session net-1.conv-7 appears twice in one forward"),
-    ("forward_result", {"rows": [ROW1 | {"token_ids": []}]}, "payload.rows[0].token_ids must have 1..8192 items, got 0"),
+    ("forward_result", {"rows": [BLIND_ROWS[1], BLIND_ROWS[1]]}, "payload.rows[1]: session net-1.conv-7 appears twice in one forward"),
+    ("forward_result", {"block_range": RANGE, "rows": [ROW1 | {"token_ids": []}]}, "payload.rows[0].token_ids must have 1..8192 items, got 0"),
+    # token ids go to the first range only: a later range gets hidden states and prefix digests
+    ("forward", {"block_range": LATER_RANGE}, "payload.rows[0].token_ids: token ids go only to the first blocks (start 0)"),
+    ("forward_result", {"rows": ROWS}, "payload.rows[0].token_ids: token ids go only to the first blocks"),
+    ("forward", {"block_range": LATER_RANGE, "rows": BLIND_ROWS}, None),
+    ("forward", {"rows": [ROW0 | {"token_ids": None}]}, None),  # the first range may do without them too
+    ("forward", {"rows": [ROW0 | {"prefix_digests": None}]}, None),  # a stage then records no marks: no resume
+    ("forward", {"rows": [ROW0 | {"prefix_digests": DIGEST1}]}, "payload.rows[0].prefix_digests must be 4 digests of 16 bytes"),
+    ("forward", {"rows": [ROW0 | {"prefix_digests": base64.b64encode(bytes(65)).decode()}]},
+     "payload.rows[0].prefix_digests must be 4 digests of 16 bytes"),
+    ("forward", {"rows": [ROW0 | {"prefix_digests": "not base64!"}]}, "payload.rows[0].prefix_digests is not valid base64"),
+    ("forward", {"rows": [{k: v for k, v in ROW0.items() if k != "prefix_digests"}]}, "payload.rows[0].prefix_digests is missing"),
     ("forward_result", {"block_range": RANGE | {"start": 30, "end": 31}}, "outside the model's 30 blocks"),
-    ("session_query", {"token_ids": []}, None),  # what is cached, whatever the prefix
-    ("session_query", {"token_ids": [1] * MAX_TOTAL_LENGTH}, None),
-    ("session_query", {"token_ids": [1] * (MAX_TOTAL_LENGTH + 1)}, "payload.token_ids must have 0..16384 items, got 16385"),
-    ("session_query", {"token_ids": [2**31]}, "payload.token_ids[0] must be an integer in 0..2147483647"),
+    ("session_query", {"prefix_digests": ""}, None),  # what is cached, whatever the prefix
+    ("session_query", {"prefix_digests": base64.b64encode(bytes(16 * MAX_TOTAL_LENGTH)).decode()}, None),
+    ("session_query", {"prefix_digests": base64.b64encode(bytes(16 * MAX_TOTAL_LENGTH + 16)).decode()},
+     "payload.prefix_digests is longer than base64 of 262144 bytes"),
+    ("session_query", {"prefix_digests": base64.b64encode(bytes(17)).decode()}, "payload.prefix_digests must be whole digests of 16"),
+    ("session_query", {"token_ids": [1, 2, 3]}, "payload has unknown field(s) 'token_ids'"),  # the text never goes to a stage
     ("session_info", {"cached_tokens": -1}, "payload.cached_tokens must be in 0..16384"),
     ("session_info", {"n_tokens": MAX_TOTAL_LENGTH + 1}, "payload.n_tokens must be in 0..16384"),
     ("session_info", {"saved": "yes"}, "payload.saved must be true or false"),

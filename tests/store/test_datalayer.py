@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import uuid
 from typing import Any, Optional
@@ -488,3 +489,72 @@ def test_sanitize_metadata_keeps_only_chat_settings_profile_and_client_type():
     assert sanitize_metadata('{"chat_profile": "p", "secret": 1}') == {"chat_profile": "p"}
     assert sanitize_metadata("not json") == {} and sanitize_metadata(None) == {}
     assert sanitize_metadata({"chat_settings": {"blob": "x" * 1999, "more": ["y" * 1999] * 20}}) == {}  # too big
+
+
+# ---- a delete from the sidebar forgets the network session too (issue 13, finding 11) ----------
+class RecordingDaemon:
+    """The daemon's control client as the data layer sees it: records calls; ``fail`` raises."""
+
+    def __init__(self, fail: Optional[Exception] = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = fail
+
+    async def call(self, command: str, **args):
+        self.calls.append((command, args))
+        if self.fail is not None:
+            raise self.fail
+        return {"dropped": 3}
+
+
+async def test_a_sidebar_delete_drops_the_conversations_network_session(layer, store, alice, bob, jwt_secret, tmp_path):
+    from argus.network_choice import NetworkChoice
+    from worker.control import session_id_for
+
+    choice = NetworkChoice(tmp_path)
+    choice.use("net-1a2b3c4d")
+    daemon = RecordingDaemon()
+    layer.services.update({"network_choice": choice, "daemon": daemon})
+    conv = store.create_conversation(alice.id, "secret plans", "m")
+    with http_request(bob):
+        await layer.delete_thread(conv.id)  # not bob's: nothing deleted, nothing dropped
+    assert daemon.calls == []
+    with http_request(alice):
+        await layer.delete_thread(conv.id)
+    assert daemon.calls == [("session_drop", {"network_id": "net-1a2b3c4d",
+                                              "session_id": session_id_for("net-1a2b3c4d", conv.id)})]
+    with pytest.raises(NotFound):
+        store.get_conversation(conv.id, alice.id)
+
+
+async def test_a_sidebar_delete_succeeds_when_the_daemon_is_down_and_says_so_in_the_log(
+        layer, store, alice, jwt_secret, tmp_path, caplog):
+    from argus.network_choice import NetworkChoice
+    from worker.control import ControlClient
+
+    choice = NetworkChoice(tmp_path)
+    choice.use("net-1a2b3c4d")
+    # a real client for a daemon that was never started: nothing listens, no credentials
+    layer.services.update({"network_choice": choice, "daemon": ControlClient(tmp_path / "no-daemon", timeout_s=2)})
+    conv = store.create_conversation(alice.id, "secret plans", "m")
+    with caplog.at_level(logging.WARNING, logger="argus.network_choice"), http_request(alice):
+        await layer.delete_thread(conv.id)
+    with pytest.raises(NotFound):
+        store.get_conversation(conv.id, alice.id)
+    assert "could not be dropped now" in caplog.text and conv.id in caplog.text
+
+
+async def test_without_a_network_in_use_a_sidebar_delete_asks_no_daemon(layer, store, alice, jwt_secret, tmp_path):
+    from argus.network_choice import NetworkChoice
+
+    daemon = RecordingDaemon()
+    layer.services.update({"network_choice": NetworkChoice(tmp_path), "daemon": daemon})
+    conv = store.create_conversation(alice.id, "local only", "m")
+    with http_request(alice):
+        await layer.delete_thread(conv.id)
+    assert daemon.calls == []
+
+
+def test_the_chat_servers_data_layer_shares_its_services(tmp_path, monkeypatch, store):
+    argus = JarvisArgus(make_settings(tmp_path, monkeypatch), store=store)
+    assert argus.data_layer.services is argus.services
+    assert {"daemon", "network_choice"} <= set(argus.services)

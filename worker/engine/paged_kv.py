@@ -16,14 +16,29 @@ pages are kept contiguous per block, in an arena of whole pages that grows
 geometrically (the block table is the identity), and attention reads views
 of it without copying, exactly as with :class:`~worker.engine.kv_cache.KVCache`.
 
-The cache also records the token id of every cached position, so that a
+The cache also records a *mark* for every cached position, so that a
 conversation resumed after a restart is checked against what was cached and
-only the new suffix is prefilled (:meth:`matching_prefix`).
+only the new suffix is prefilled (:meth:`matching_prefix`). A mark is the
+position's token id (the in-process engine) or an opaque prefix digest (bytes):
+a stage of a network that must not learn the text is given, per position, a
+keyed hash of the session's prefix up to it (``worker.inference.prefix_digests``)
+and compares those, never token ids.
 
 :class:`SessionStore` saves one file per session (``numpy.savez_compressed``,
 written atomically), lists saved sessions, loads one lazily on first use and
 evicts least-recently-used ones beyond a size and a count limit. One store per
-stage per daemon, one directory per store; session id = conversation id.
+stage per daemon, one directory per store; session id = conversation id. Given
+a :class:`Sealer` (a pair of callables doing authenticated encryption; the
+engine holds no key and imports no cryptography), every file is sealed at rest:
+
+    sealed file = b"AKVS" || version (1 byte, 1) || meta length (u32, big-endian) || meta
+                  || sealer.seal(npz bytes, associated data = everything before it)
+
+``meta`` is the header (JSON, below) in the clear, so that listing needs no key;
+it is bound to the ciphertext as associated data, so neither can be changed or
+swapped. A file that does not open (wrong key, tampered, truncated, or a
+plaintext file where a sealed one is expected) is refused like a damaged one:
+logged, deleted, and the session is recomputed.
 
 Units: positions and token counts are tokens; sizes are bytes; times are Unix
 seconds. Arrays are float32 throughout.
@@ -31,11 +46,13 @@ seconds. Arrays are float32 throughout.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
+import struct
 import threading
 import time
 import uuid
@@ -43,7 +60,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,7 +75,29 @@ SUFFIX = ".kv.npz"
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of saved session files per store
 DEFAULT_MAX_SESSIONS = 100
 
+SEALED_MAGIC = b"AKVS"
+SEALED_VERSION = 1
+_SEALED_HEAD = struct.Struct(">4sBI")  # magic, version, meta length
+MAX_META_BYTES = 64 * 1024
+
 PathLike = Union[str, os.PathLike]
+
+#: What a cache records per position: a token id (int), a prefix digest (bytes), or None (not told).
+Mark = Union[int, bytes, None]
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Authenticated encryption of saved sessions, supplied by the daemon (``worker.stage_host``).
+
+    ``seal(plaintext, associated_data) -> ciphertext``; ``open(ciphertext, associated_data)
+    -> plaintext``, raising any exception when the ciphertext, the key or the associated data
+    is not the one sealed (the store treats that as a damaged file). ``name`` is shown in logs.
+    """
+
+    seal: Callable[[bytes, bytes], bytes]
+    open: Callable[[bytes, bytes], bytes]
+    name: str = "sealed"
 
 
 class SessionFileError(Exception):
@@ -75,8 +114,9 @@ class SessionPagedKVCache:
     Per block (``layer`` = 0 .. len(block_range)-1, i.e. block ``block_range.start + layer``),
     K and V each live in an arena [n_kv_head, capacity_pages * page_tokens,
     head_dim] f32 of whole pages; position ``p`` is in page ``p // page_tokens``.
-    The first ``length`` positions are valid and ``token_ids[p]`` is the token
-    at position ``p`` (-1 where the stage was not told). Memory:
+    The first ``length`` positions are valid and ``marks[p]`` identifies position
+    ``p``: its token id, a prefix digest (bytes), or None where the stage was not
+    told (see the module docstring). Memory:
     2 * n_layers * n_kv_head * head_dim * 4 bytes per position (SmolLM2-135M,
     30 blocks: 45 KiB per token, 2.8 MiB per 64-token page across the blocks).
 
@@ -96,7 +136,7 @@ class SessionPagedKVCache:
         self.computed_positions = 0  # positions whose K/V were computed here (not loaded), summed over commits
         self._k = [self._arena(0) for _ in range(self.n_layers)]  # [layer] -> [n_kv, capacity, hd]
         self._v = [self._arena(0) for _ in range(self.n_layers)]
-        self._ids: list[int] = []  # [length]
+        self._marks: list[Mark] = []  # [length]
         self._written: Optional[tuple[int, int]] = None  # (lowest start, highest end) written since the last commit
 
     def _arena(self, n_pages: int) -> np.ndarray:
@@ -131,14 +171,20 @@ class SessionPagedKVCache:
 
     @property
     def token_ids(self) -> list[int]:
-        """Token id of each cached position [length] (-1 where unknown)."""
-        return list(self._ids)
+        """Token id of each cached position [length] (-1 where unknown or recorded as a digest)."""
+        return [m if isinstance(m, int) else -1 for m in self._marks]
 
-    def matching_prefix(self, token_ids: Sequence[int]) -> int:
-        """How many leading ``token_ids`` are cached here with the same ids (0 .. min(len, length))."""
+    @property
+    def marks(self) -> list[Mark]:
+        """What was recorded for each cached position [length]: token id, digest bytes or None."""
+        return list(self._marks)
+
+    def matching_prefix(self, marks: Sequence[Any]) -> int:
+        """How many leading ``marks`` (token ids, or prefix digests as bytes) are cached here with
+        the same mark (0 .. min(len, length)); a position recorded without a mark ends the match."""
         n = 0
-        for a, b in zip(self._ids, token_ids):
-            if a < 0 or a != int(b):
+        for a, b in zip(self._marks, marks):
+            if a is None or a != _mark(b):
                 break
             n += 1
         return n
@@ -174,22 +220,28 @@ class SessionPagedKVCache:
         self._written = (min(lo, start_pos), max(hi, end))
         return self._k[layer][:, :end], self._v[layer][:, :end]
 
-    def commit(self, length: int, token_ids: Optional[Sequence[int]] = None) -> None:
+    def commit(self, length: int, token_ids: Optional[Sequence[Any]] = None) -> None:
         """Mark positions ``0 .. length-1`` valid after a forward pass wrote every layer.
 
-        ``token_ids`` are the ids of the positions written since the last commit
-        (``start_pos .. length-1``); None records them as unknown (-1). Without a
-        write, ``length`` may only shrink (truncation). Raises ValueError for a
-        length the writes do not cover or ids of the wrong count.
+        ``token_ids`` are the marks of the positions written since the last commit
+        (``start_pos .. length-1``): token ids, or prefix digests (bytes); None
+        records them as unknown. Without a write, ``length`` may only shrink
+        (truncation). Raises ValueError for a length the writes do not cover or
+        marks of the wrong count.
         """
         start, end = self._written if self._written else (length, self.length)
         if not 0 <= length <= end or start > length:
             raise ValueError(f"cannot commit {length} positions: positions {start}..{end - 1} were written, {self.length} cached")
         new = length - start
-        ids = [-1] * new if token_ids is None else [int(t) for t in np.asarray(token_ids).reshape(-1)]
+        if token_ids is None:
+            ids: list[Mark] = [None] * new
+        elif isinstance(token_ids, np.ndarray):
+            ids = [int(t) for t in token_ids.reshape(-1)]
+        else:
+            ids = [_mark(t) for t in token_ids]
         if len(ids) != new:
             raise ValueError(f"{len(ids)} token ids for the {new} positions {start}..{length - 1}")
-        self._ids[start:] = ids
+        self._marks[start:] = ids
         self.computed_positions += new
         self.length = length
         self._written = None
@@ -213,24 +265,41 @@ class SessionPagedKVCache:
             "n_tokens": self.length, "dtype": "float32", "saved_at": time.time(),
         }
 
-    def save_to_disk(self, path: PathLike, session_id: str = "") -> int:
-        """Write this cache to ``path`` atomically (a temporary file in the same directory, fsync, rename).
+    def to_bytes(self, session_id: str = "", header: Optional[dict] = None) -> bytes:
+        """This cache as one ``numpy.savez_compressed`` archive (no pickles) holding: ``header``, a
+        JSON string (format, version, session id, model id, block range, n_kv_head, head_dim,
+        page size, n_tokens, dtype, saved_at); ``token_ids`` int64 [n_tokens] (-1 where the
+        mark is not a token id); ``digests`` uint8 [n_tokens, L] when the marks are prefix
+        digests of L bytes (zeros where unknown); ``k{i}``, ``v{i}`` f32 [n_kv_head, n_tokens,
+        head_dim] per block of the range: the used pages only."""
+        digests = {}
+        sizes = {len(m) for m in self._marks if isinstance(m, bytes)}
+        if len(sizes) > 1:
+            raise ValueError(f"prefix digests of several sizes in one cache: {sorted(sizes)}")
+        if sizes:
+            (size,) = sizes
+            raw = b"".join(m if isinstance(m, bytes) else bytes(size) for m in self._marks)
+            digests["digests"] = np.frombuffer(raw, np.uint8).reshape(len(self._marks), size)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, header=np.array(json.dumps(header or self.header(session_id))),
+                            token_ids=np.asarray(self.token_ids, np.int64), **digests, **self.arrays())
+        return buf.getvalue()
 
-        One ``numpy.savez_compressed`` archive (no pickles) holding: ``header``, a
-        JSON string (format, version, session id, model id, block range, n_kv_head,
-        head_dim, page size, n_tokens, dtype, saved_at); ``token_ids`` int64
-        [n_tokens]; ``k{i}``, ``v{i}`` f32 [n_kv_head, n_tokens, head_dim] per block
-        of the range: the used pages only, without the unused tail of the last one.
-        Returns the file's size in bytes.
+    def save_to_disk(self, path: PathLike, session_id: str = "", sealer: Optional[Sealer] = None) -> int:
+        """Write this cache to ``path`` atomically (a temporary file in the same directory, fsync, rename):
+        the archive of :meth:`to_bytes`, sealed by ``sealer`` when given (format in the module
+        docstring). Returns the file's size in bytes. Raises OSError if the disk refuses
+        the write (``path`` unchanged).
         """
         path = Path(path)
+        header = self.header(session_id)
+        data = self.to_bytes(session_id, header)
+        if sealer is not None:
+            data = seal_bytes(data, header, sealer)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, header=np.array(json.dumps(self.header(session_id))),
-                    token_ids=np.asarray(self._ids, np.int64), **self.arrays(),
-                )
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -240,24 +309,33 @@ class SessionPagedKVCache:
         _fsync_dir(path.parent)
         return path.stat().st_size
 
-    def load_from_disk(self, path: PathLike) -> dict:
+    def load_from_disk(self, path: PathLike, sealer: Optional[Sealer] = None) -> dict:
         """Replace this cache's contents with the session saved at ``path``; return the file's header.
 
         The file must be for this cache's model id, block range, KV shape and
         dtype, in this format version (the page size may differ: positions are
-        re-paged). Raises IncompatibleSessionFile for a file written for anything
-        else and SessionFileError for a missing, truncated or corrupted one; the
-        cache is unchanged when either is raised.
+        re-paged), and sealed exactly when ``sealer`` is given (it must open).
+        Raises IncompatibleSessionFile for a file written for anything else and
+        SessionFileError for a missing, truncated, corrupted, tampered or
+        wrongly sealed one; the cache is unchanged when either is raised.
         """
         path = Path(path)
         try:
-            with _open_npz(path) as z:
+            with _open_npz(path, sealer) as z:
                 h = _header_of(z, path)
                 self._check_compatible(h, path)
                 n = int(h["n_tokens"])
                 ids = z["token_ids"]
                 if ids.shape != (n,) or ids.dtype.kind not in "iu":
                     raise SessionFileError(f"{path}: token_ids are {ids.dtype}{list(ids.shape)}, expected {n} integers")
+                marks: list[Mark] = [int(t) if t >= 0 else None for t in ids]
+                if "digests" in z.files:
+                    d = z["digests"]
+                    if d.ndim != 2 or d.shape[0] != n or d.dtype != np.uint8 or not 1 <= d.shape[1] <= 64:
+                        raise SessionFileError(f"{path}: digests are {d.dtype}{list(d.shape)}, expected uint8[{n}, L]")
+                    zero = bytes(d.shape[1])
+                    marks = [m if m is not None else (row.tobytes() if row.tobytes() != zero else None)
+                             for m, row in zip(marks, d)]
                 shape = (self.n_kv_head, n, self.head_dim)
                 arenas_k, arenas_v = [], []
                 for i in range(self.n_layers):
@@ -271,7 +349,7 @@ class SessionPagedKVCache:
         except _READ_ERRORS as e:
             raise _unreadable(path, e) from None
         self._k, self._v = arenas_k, arenas_v
-        self._ids = [int(t) for t in ids]
+        self._marks = marks
         self.length, self._written = n, None
         return h
 
@@ -293,13 +371,68 @@ class SessionPagedKVCache:
 
 
 def read_header(path: PathLike) -> dict:
-    """The header of a saved session file (reads only that member). Raises SessionFileError."""
+    """The header of a saved session file, plain or sealed (reads only the header; a sealed
+    file's header is in the clear, so no key is needed; it is authenticated when the file
+    is loaded). Raises SessionFileError; the dict has ``"sealed": True`` for a sealed file."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(_SEALED_HEAD.size)
+            if head[:4] == SEALED_MAGIC:
+                meta, _ = _sealed_meta(head + f.read(MAX_META_BYTES), path)
+                return {**_meta_header(meta, path), "sealed": True}
         with _open_npz(path) as z:
             return _header_of(z, path)
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from None
+
+
+def _mark(t: Any) -> Mark:
+    """A mark as recorded: bytes stay bytes, anything else is a token id (int)."""
+    if t is None or isinstance(t, bytes):
+        return t
+    if isinstance(t, (bytearray, memoryview)):
+        return bytes(t)
+    return int(t)
+
+
+def seal_bytes(archive: bytes, header: dict, sealer: Sealer) -> bytes:
+    """The sealed file of ``archive`` (module docstring): clear meta, sealed body bound to it."""
+    meta = json.dumps(header, sort_keys=True).encode()
+    head = _SEALED_HEAD.pack(SEALED_MAGIC, SEALED_VERSION, len(meta)) + meta
+    return head + sealer.seal(archive, head)
+
+
+def open_sealed(data: bytes, sealer: Sealer, where: Any = "session") -> bytes:
+    """The archive inside a sealed file's bytes. Raises SessionFileError when it is not a sealed
+    file or does not open (tampered, truncated, another key or another file's header)."""
+    meta, head = _sealed_meta(data, where)
+    try:
+        return sealer.open(data[len(head):], head)
+    except Exception as e:  # the sealer's own error type: the engine does not know it
+        raise SessionFileError(f"{where}: the sealed session does not open ({type(e).__name__}: {e or 'authentication failed'}); "
+                               "it was altered, cut, or sealed with another key") from None
+
+
+def _sealed_meta(data: bytes, where: Any) -> tuple[bytes, bytes]:
+    """(meta, head) of a sealed file's leading bytes. Raises SessionFileError."""
+    if len(data) < _SEALED_HEAD.size or data[:4] != SEALED_MAGIC:
+        raise SessionFileError(f"{where}: not a sealed saved session")
+    _, version, n = _SEALED_HEAD.unpack_from(data)
+    if version != SEALED_VERSION or n > MAX_META_BYTES or len(data) < _SEALED_HEAD.size + n:
+        raise SessionFileError(f"{where}: the sealed session's header is damaged or of another version ({version})")
+    head = data[:_SEALED_HEAD.size + n]
+    return head[_SEALED_HEAD.size:], head
+
+
+def _meta_header(meta: bytes, where: Any) -> dict:
+    try:
+        h = json.loads(meta)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SessionFileError(f"{where}: the header is not valid JSON ({e})") from None
+    if not isinstance(h, dict):
+        raise IncompatibleSessionFile(f"{where}: not a saved session (header is not an object)")
+    return h
 
 
 #: What reading a damaged archive raises (zipfile checks each member's CRC-32 as it is read).
@@ -315,12 +448,24 @@ def _unreadable(path: Path, e: Exception) -> SessionFileError:
     )
 
 
-def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
-    """``path`` opened as an .npz archive (no pickles). Raises SessionFileError for any other file."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
+def _open_npz(path: Path, sealer: Optional[Sealer] = None) -> np.lib.npyio.NpzFile:
+    """``path`` opened as an .npz archive (no pickles), unsealed first when ``sealer`` is given.
+    Raises SessionFileError for any other file, and for a plaintext file where a sealed one is
+    expected (or the reverse)."""
+    if sealer is not None:
+        data = path.read_bytes()
+        if data[:4] == b"PK\x03\x04":
+            raise SessionFileError(f"{path}: a plaintext saved session where a sealed one is expected; refused")
+        source: Any = io.BytesIO(open_sealed(data, sealer, path))
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == SEALED_MAGIC:
+            raise SessionFileError(f"{path}: a sealed saved session, and no key to open it")
+        if magic != b"PK\x03\x04":
             raise SessionFileError(f"{path}: not a saved session (not an .npz archive; empty or overwritten)")
-    z = np.load(path, allow_pickle=False)
+        source = path
+    z = np.load(source, allow_pickle=False)
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise SessionFileError(f"{path}: not a saved session (not an .npz archive)")
     return z
@@ -383,8 +528,10 @@ class SessionStore:
 
     Safe for several threads of one process; one process per directory.
     Files that cannot be used (another model or range, unreadable, left-over
-    temporary files) are deleted when the store opens, with a WARNING: a
-    session's cache can always be recomputed from its conversation.
+    temporary files, plaintext files in a store with a ``sealer``) are deleted
+    when the store opens, with a WARNING: a session's cache can always be
+    recomputed from its conversation. ``sealer``: seal every file at rest (see
+    :class:`Sealer`); a file that then fails to open is dropped on its first use.
     """
 
     def __init__(
@@ -397,13 +544,14 @@ class SessionStore:
         page_tokens: int = PAGE_TOKENS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        sealer: Optional[Sealer] = None,
     ):
         if max_bytes < 0 or max_sessions < 0:
             raise ValueError(f"limits must be >= 0, got max_bytes={max_bytes}, max_sessions={max_sessions}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.block_range, self.n_kv_head, self.head_dim, self.page_tokens = block_range, n_kv_head, head_dim, page_tokens
-        self.max_bytes, self.max_sessions = max_bytes, max_sessions
+        self.max_bytes, self.max_sessions, self.sealer = max_bytes, max_sessions, sealer
         self._lock = threading.Lock()
         self._index: dict[str, SavedSession] = {}
         self._last_touch = 0.0
@@ -449,7 +597,7 @@ class SessionStore:
             return None
         cache = self.new_cache()
         try:
-            cache.load_from_disk(saved.path)
+            cache.load_from_disk(saved.path, self.sealer)
         except SessionFileError as e:
             log.warning("dropped saved session %s: %s", session_id, e)
             self._forget(session_id, saved)
@@ -469,7 +617,7 @@ class SessionStore:
         if (cache.block_range, cache.n_kv_head, cache.head_dim) != (self.block_range, self.n_kv_head, self.head_dim):
             raise IncompatibleSessionFile(f"a cache for {cache.block_range} cannot be saved in the store for {self.block_range}")
         path = self.path_for(session_id)
-        size = cache.save_to_disk(path, session_id)
+        size = cache.save_to_disk(path, session_id, self.sealer)
         saved = SavedSession(session_id, size, cache.n_tokens, self._touch(path), path)
         with self._lock:
             self._index[session_id] = saved
@@ -531,6 +679,9 @@ class SessionStore:
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             try:
                 h = read_header(path)
+                if bool(h.get("sealed")) != (self.sealer is not None):
+                    raise SessionFileError(f"{path}: a {'sealed' if h.get('sealed') else 'plaintext'} file in a "
+                                           f"{'sealed' if self.sealer else 'plaintext'} store")
                 probe._check_compatible(h, path)
                 sid = h.get("session_id")
                 if not isinstance(sid, str) or self.path_for(sid) != path:

@@ -167,9 +167,11 @@ class Stage:
     def forward_batch(self, rows: Sequence[tuple[str, int, Sequence[int]]], x: np.ndarray) -> np.ndarray:
         """Run this stage for rows of several sessions at once: one gemm per weight matrix for all of them.
 
-        rows: ``(session_id, start_pos, token_ids)`` with distinct session ids; row i
-        covers the ``n_i = len(token_ids)`` positions ``start_pos .. start_pos+n_i-1``
-        of its session (``start_pos`` below the cached length rewinds it, as in
+        rows: ``(session_id, start_pos, marks)`` with distinct session ids; row i
+        covers the ``n_i = len(marks)`` positions ``start_pos .. start_pos+n_i-1``
+        of its session, and ``marks`` are what its cache records for them: the token
+        ids, or per-position prefix digests (bytes) where the stage must not learn
+        the tokens (see ``paged_kv``) (``start_pos`` below the cached length rewinds it, as in
         :meth:`forward`). x: first stage: the rows' token ids concatenated, [N] int
         (N = sum n_i); other stages: hidden states [N, d] f32 in the same order.
         Returns: last stage: logits [B, vocab] f32 of each row's last position
@@ -190,14 +192,15 @@ class Stage:
         if len(set(sids)) != len(sids):
             raise ValueError(f"forward_batch rows must be of distinct sessions, got {sids}")
         starts = [int(r[1]) for r in rows]
-        ids = [np.asarray(r[2], dtype=np.int64).reshape(-1) for r in rows]
-        ns = [a.size for a in ids]
+        ids = [_marks(r[2]) for r in rows]
+        ns = [len(a) for a in ids]
         if min(ns) < 1 or min(starts) < 0:
             raise ValueError("every forward_batch row needs a start position >= 0 and at least one token id")
         h = self._input(x)
         if h.shape[0] != sum(ns):
             raise ValueError(f"the rows cover {sum(ns)} positions but the input has {h.shape[0]}")
-        if self.block_range.is_first and not np.array_equal(np.asarray(x), np.concatenate(ids)):
+        if self.block_range.is_first and all(isinstance(a, np.ndarray) for a in ids) \
+                and not np.array_equal(np.asarray(x), np.concatenate(ids)):
             raise ValueError("the first stage's token ids must be the rows' token ids concatenated")
         caches = [self._cache(sid) for sid in sids]
         for sid, kv, start in zip(sids, caches, starts):
@@ -256,6 +259,14 @@ class Stage:
     def _head(self, h: np.ndarray, groups: Optional[list[int]] = None) -> np.ndarray:
         """[m, d] f32 -> logits [m, vocab] f32: final norm and output head (groups as in ops.linear)."""
         return output_logits(h, self.output_norm, self.output, self.cfg.norm_eps, groups)
+
+
+def _marks(m: Sequence) -> "np.ndarray | list[Optional[bytes]]":
+    """A row's marks: token ids as an int64 array [n], or prefix digests as a list of bytes
+    (None: a position recorded without a mark)."""
+    if not isinstance(m, np.ndarray) and len(m) and (m[0] is None or isinstance(m[0], (bytes, bytearray))):
+        return [None if d is None else bytes(d) for d in m]
+    return np.asarray(m, dtype=np.int64).reshape(-1)
 
 
 class Pipeline:

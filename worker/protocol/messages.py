@@ -9,6 +9,7 @@ are defined here too.
 """
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional
 
@@ -107,11 +108,17 @@ SAMPLING_FIELDS = {
     "top_k": Int(lo=0, hi=MAX_TOKEN_ID, nullable=True), "seed": Int(nullable=True),
     "repetition_penalty": Num(lo=0.01, hi=10.0, nullable=True), "ignore_eos": Bool(nullable=True),
 }
-# One row of a (batched) forward: positions start_pos .. start_pos+n_tokens-1 of one session,
-# with the token ids of those positions (paged KV caches record them, so a resumed session is checked).
+#: Bytes of one position's prefix digest (``worker.inference.prefix_digests``: HMAC-SHA-256 cut to 128 bits).
+PREFIX_DIGEST_BYTES = 16
+# One row of a (batched) forward: positions start_pos .. start_pos+n_tokens-1 of one session. Only the
+# first range (block_range.start == 0) may be sent the token ids of those positions (it embeds them);
+# every range gets the positions' prefix digests, which its paged KV cache records so that a resumed
+# session is checked without the stage learning the text.
 FORWARD_ROWS = RecordList(fields={
     "session_id": Id(), "start_pos": Int(hi=MAX_TOTAL_LENGTH), "n_tokens": Int(lo=1, hi=MAX_INPUT_IDS),
-    "token_ids": IntList(max_items=MAX_INPUT_IDS, hi=MAX_TOKEN_ID),
+    "token_ids": IntList(max_items=MAX_INPUT_IDS, hi=MAX_TOKEN_ID, nullable=True),
+    "prefix_digests": B64(min_bytes=PREFIX_DIGEST_BYTES, max_bytes=MAX_INPUT_IDS * PREFIX_DIGEST_BYTES,
+                          nullable=True),
 }, min_items=1, max_items=MAX_FORWARD_ROWS)
 SESSION_FIELDS = {
     "session_id": Str(max_len=128), "n_tokens": Int(), "bytes": Int(), "saved_at": Num(lo=0.0, nullable=True),
@@ -119,15 +126,34 @@ SESSION_FIELDS = {
 }
 
 
+def _digest_count(b64_value: str) -> int:
+    """Digests in a validated B64 field, or -1 if its length is not a whole number of them."""
+    n = len(base64.b64decode(b64_value))
+    return n // PREFIX_DIGEST_BYTES if n % PREFIX_DIGEST_BYTES == 0 else -1
+
+
 def _valid_forward(p: dict) -> None:
     _valid_block_range(p)
+    first = p["block_range"]["start"] == 0
     seen = set()
     for i, r in enumerate(p["rows"]):
-        if len(r["token_ids"]) != r["n_tokens"]:
-            raise InvalidPayload(f"payload.rows[{i}].token_ids has {len(r['token_ids'])} ids; n_tokens is {r['n_tokens']}")
+        if r["token_ids"] is not None:
+            if not first:
+                raise InvalidPayload(f"payload.rows[{i}].token_ids: token ids go only to the first blocks (start 0); "
+                                     f"blocks from {p['block_range']['start']} get hidden states and prefix digests")
+            if len(r["token_ids"]) != r["n_tokens"]:
+                raise InvalidPayload(f"payload.rows[{i}].token_ids has {len(r['token_ids'])} ids; n_tokens is {r['n_tokens']}")
+        if r["prefix_digests"] is not None and _digest_count(r["prefix_digests"]) != r["n_tokens"]:
+            raise InvalidPayload(f"payload.rows[{i}].prefix_digests must be {r['n_tokens']} digests of "
+                                 f"{PREFIX_DIGEST_BYTES} bytes (one per position)")
         if r["session_id"] in seen:
             raise InvalidPayload(f"payload.rows[{i}]: session {r['session_id']} appears twice in one forward")
         seen.add(r["session_id"])
+
+
+def _valid_session_query(p: dict) -> None:
+    if _digest_count(p["prefix_digests"]) < 0:
+        raise InvalidPayload(f"payload.prefix_digests must be whole digests of {PREFIX_DIGEST_BYTES} bytes")
 
 
 MESSAGE_TYPES: dict[str, MessageSpec] = {
@@ -195,8 +221,8 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         "block_range": BLOCK_RANGE, "rows": FORWARD_ROWS,
     }, session="required", tensor=True, check=_valid_forward),
     "session_query": MessageSpec(frozenset({ADMIN}), {
-        "token_ids": IntList(max_items=MAX_TOTAL_LENGTH, min_items=0, hi=MAX_TOKEN_ID),
-    }, session="required"),
+        "prefix_digests": B64(min_bytes=0, max_bytes=MAX_TOTAL_LENGTH * PREFIX_DIGEST_BYTES),
+    }, session="required", check=_valid_session_query),
     "session_save": MessageSpec(frozenset({ADMIN}), session="required"),
     "session_drop": MessageSpec(frozenset({ADMIN}), session="required"),
     "session_info": MessageSpec(frozenset({WORKER}), {
@@ -255,7 +281,7 @@ def authorize(message_type: str, role: str) -> None:
 
 __all__ = [
     "ADMIN", "AUTHENTICATED_ROLES", "BACKUP", "BLOCK_RANGE", "BLOCK_STATES", "CONTROL", "FORWARD_ROWS", "JOINER",
-    "MAX_BLOCK_CHUNK", "MAX_FORWARD_ROWS", "MEMBER_ROLES", "MESSAGE_TYPES", "MessageSpec", "ROLES", "SAMPLING_FIELDS",
+    "MAX_BLOCK_CHUNK", "MAX_FORWARD_ROWS", "MEMBER_ROLES", "MESSAGE_TYPES", "MessageSpec", "PREFIX_DIGEST_BYTES", "ROLES", "SAMPLING_FIELDS",
     "SESSION_FIELDS", "Session", "WORKER", "authorize", "block_range_from_wire", "block_range_to_wire",
     "validate_payload",
 ]
