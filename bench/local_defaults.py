@@ -1,6 +1,6 @@
 """Which sampling settings give the local model's best answers: a small fixed question set.
 
-    python bench/local_defaults.py [--seeds 3] [--max-tokens 48] [--only greedy,card]
+    python bench/local_defaults.py [--seeds 2] [--max-tokens 32] [--only 1,2,6]
 
 Each question has one checkable answer (a capital, a sum, a simple fact); the check is a
 case-insensitive regular expression over the answer's text. Every setting answers every
@@ -112,8 +112,8 @@ def answer(model: LocalModel, question: str, params: SamplingParams, penalize_pr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per sampled setting (0..N-1)")
-    ap.add_argument("--max-tokens", type=int, default=48, help="longest answer, in tokens")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per sampled setting (0..N-1)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="longest answer, in tokens")
     ap.add_argument("--only", default="", help="comma-separated setting numbers (1-based) to run")
     ap.add_argument("--model", default=None, help="a GGUF (default: the packaged SmolLM2-135M-Instruct)")
     args = ap.parse_args(argv)
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 right, total, tokens = right + ok, total + 1, tokens + n
                 print(f"{'✓' if ok else '✗'} [{s.name} | seed {seed}] {question} → {text.strip()[:160]!r}", flush=True)
         rows.append((s, right, total, tokens / total, time.perf_counter() - t))
+        print(f"= {s.name}: {right}/{total} correct, {tokens / total:.1f} tokens per answer, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
     print("\n| setting | correct | share | mean answer tokens |")
     print("| --- | --- | --- | --- |")
     for s, right, total, mean_tokens, _ in rows:
