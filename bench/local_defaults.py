@@ -1,6 +1,6 @@
 """Which sampling settings give the local model's best answers: a small fixed question set.
 
-    python bench/local_defaults.py [--seeds 2] [--max-tokens 32] [--only 1,2,6]
+    python bench/local_defaults.py [--seeds 4] [--max-tokens 32] [--only 1,2,6]
 
 Each question has one checkable answer (a capital, a sum, a simple fact); the check is a
 case-insensitive regular expression over the answer's text. Every setting answers every
@@ -112,7 +112,7 @@ def answer(model: LocalModel, question: str, params: SamplingParams, penalize_pr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=2, help="seeds per sampled setting (0..N-1)")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds per sampled setting (0..N-1)")
     ap.add_argument("--max-tokens", type=int, default=32, help="longest answer, in tokens")
     ap.add_argument("--only", default="", help="comma-separated setting numbers (1-based) to run")
     ap.add_argument("--model", default=None, help="a GGUF (default: the packaged SmolLM2-135M-Instruct)")
