@@ -64,6 +64,13 @@ _SAMPLING_VARS = {
     "repetition_penalty": "ARGUS_REPETITION_PENALTY",
     "max_tokens": "ARGUS_MAX_NEW_TOKENS",
 }
+#: The generation defaults: the setting that answered ``bench/local_defaults.py``'s question set
+#: correctly most often (docs/LOCAL_MODEL.md): greedy (temperature 0), the repetition penalty
+#: 1.1 over the answer's tokens. Top-k and top-p only matter once the temperature is above 0.
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.9
+DEFAULT_REPETITION_PENALTY = 1.1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: Each remote provider's API-key variables: a comma-separated list, and a single key.
@@ -222,10 +229,13 @@ class Settings:
             login_window_s=_float("ARGUS_LOGIN_WINDOW_S", 300.0, 1.0),
             max_upload_bytes=_int("ARGUS_MAX_UPLOAD_MB", 10, 1) * 1024 * 1024,
             max_new_tokens=_int("ARGUS_MAX_NEW_TOKENS", 512, 1),
-            temperature=_float("ARGUS_TEMPERATURE", 0.7, 0.0, 100.0),
-            top_k=_int("ARGUS_TOP_K", 40, 0),
-            top_p=_float("ARGUS_TOP_P", 0.9, 0.0, 1.0, above_minimum=True),
-            repetition_penalty=_float("ARGUS_REPETITION_PENALTY", 1.1, 0.0, 100.0, above_minimum=True),
+            # Defaults measured by bench/local_defaults.py (docs/LOCAL_MODEL.md): greedy with a
+            # repetition penalty of 1.1 over the answer answered the question set best.
+            temperature=_float("ARGUS_TEMPERATURE", DEFAULT_TEMPERATURE, 0.0, 100.0),
+            top_k=_int("ARGUS_TOP_K", DEFAULT_TOP_K, 0),
+            top_p=_float("ARGUS_TOP_P", DEFAULT_TOP_P, 0.0, 1.0, above_minimum=True),
+            repetition_penalty=_float("ARGUS_REPETITION_PENALTY", DEFAULT_REPETITION_PENALTY, 0.0, 100.0,
+                                      above_minimum=True),
             blocks_per_stage=bps or None,
             log_level=log_level,
             api_keys=_api_keys(),

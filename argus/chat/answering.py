@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
@@ -40,6 +42,8 @@ from argus.chat.sentences import (
     STOPPED_MARK,
     fallback_notice,
     marked,
+    token_limit_mark,
+    weak_persian_notice,
 )
 from argus.chat.session import say
 from argus.chat.shield import unstoppable
@@ -53,6 +57,23 @@ log = logging.getLogger(__name__)
 
 #: The Chainlit action that answers a message again (``app.py`` routes it to ``on_retry``).
 RETRY_ACTION = "argus_retry"
+#: Persian and Arabic script: Arabic (U+0600–06FF, Persian's letters included), Arabic
+#: Supplement, Arabic Extended-A, and the presentation forms A and B.
+PERSIAN_SCRIPT_RE = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
+#: Local models known to write Persian poorly (``model_id`` prefixes, lower case): SmolLM2 is
+#: trained on English only.
+WEAK_PERSIAN_MODELS = ("smollm",)
+#: Conversations remembered as already told about Persian (the oldest forgotten first).
+PERSIAN_NOTICE_MEMORY = 10_000
+
+
+def writes_persian(text: str, share: float = 0.3) -> bool:
+    """Whether ``text`` is mostly Persian/Arabic script: at least ``share`` of its letters are
+    in :data:`PERSIAN_SCRIPT_RE`'s ranges (so a Persian name in an English question is not)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return False
+    return sum(1 for c in letters if PERSIAN_SCRIPT_RE.match(c)) >= share * len(letters)
 
 
 @dataclass
@@ -82,7 +103,9 @@ def classify(s: Streamed, turn: Turn) -> Shown:
     failure before any text that reached here is a refusal (blocked, bad request), whose
     sentence is the answer; a lost browser stores and shows :data:`GENERATION_FAILED`.
     Both: stopped → the text, marked :data:`STOPPED_MARK` when shown; complete → the text
-    (:data:`EMPTY_ANSWER` shown for none).
+    (:data:`EMPTY_ANSWER` shown for none), and when the max-new-tokens limit ended it
+    (``s.cut_at``) the text followed by :func:`~argus.chat.sentences.token_limit_mark`,
+    stored and shown (status ``"complete"``).
     """
     r, notice = s.result, s.notice
     text, status = r.text, r.status
@@ -99,6 +122,8 @@ def classify(s: Streamed, turn: Turn) -> Shown:
             shown, notice = notice, None
         elif status == "error":
             shown = marked(text, GENERATION_FAILED)
+        elif text.strip() and s.cut_at:
+            stored = shown = marked(text, token_limit_mark(s.cut_at))
         else:
             shown = text if text.strip() else EMPTY_ANSWER
         return Shown(stored, shown, status, notice)
@@ -114,6 +139,9 @@ def classify(s: Streamed, turn: Turn) -> Shown:
         return Shown(str(s.error), str(s.error), status, notice)
     if status == "stopped":
         return Shown(text, marked(text, STOPPED_MARK), status, notice)
+    if text.strip() and s.cut_at:
+        cut = marked(text, token_limit_mark(s.cut_at))
+        return Shown(cut, cut, status, notice)
     return Shown(text, text if text.strip() else EMPTY_ANSWER, status, notice)
 
 
@@ -136,6 +164,8 @@ class Answering:
         self.intake, self.history, self.slots = intake, history, slots
         self.local, self.remote, self.network = local, remote, network
         self.chosen_model = chosen_model
+        #: Conversations already told that the local model writes Persian poorly (once each).
+        self._told_persian: "OrderedDict[str, None]" = OrderedDict()
 
     def backend_for(self, spec: Optional[ModelSpec]) -> ChatBackend:
         """The back-end of the model ``spec`` (None: the local model)."""
@@ -154,6 +184,8 @@ class Answering:
             while True:
                 try:
                     turn_stream = await backend.open_turn(spec, rows, turn)
+                    if backend is self.local:
+                        await self._persian_notice(turn, rows)
                     streamed, msg = await self._stream(backend, turn_stream, turn, state)
                 except BackendUnavailable as why:
                     if backend is not self.local:  # the local model answers instead; say so
@@ -164,6 +196,28 @@ class Answering:
                     return
                 await self._store_and_show(turn, state, streamed, msg)
                 return
+
+    async def _persian_notice(self, turn: Turn, rows: list) -> None:
+        """Once per conversation: when the message answered is Persian (or Arabic script) and the
+        local model is one of :data:`WEAK_PERSIAN_MODELS`, say it writes Persian poorly and
+        suggest a remote chat model that has a key (the first of the catalogue), if any."""
+        if turn.conv_id in self._told_persian or not rows or rows[-1].role != "user":
+            return
+        if not writes_persian(rows[-1].content or ""):
+            return
+        model = self.local.holder.loaded()
+        if model is None or not str(getattr(model, "model_id", "")).lower().startswith(WEAK_PERSIAN_MODELS):
+            return
+        self._told_persian[turn.conv_id] = None
+        while len(self._told_persian) > PERSIAN_NOTICE_MEMORY:
+            self._told_persian.popitem(last=False)
+        label = None
+        try:
+            models = await self.remote.remote.chat_models()
+            label = models[0].label if models else None
+        except Exception:  # the suggestion is a courtesy: never let it stop the answer
+            log.warning("could not list the remote chat models for the Persian notice", exc_info=True)
+        await say(weak_persian_notice(label))
 
     async def _stream(
         self, backend: ChatBackend, turn_stream: TurnStream, turn: Turn, state: SessionState

@@ -7,6 +7,9 @@ stored. The data layer's own sentences (``EMPTY_ANSWER``, ``GENERATION_FAILED``,
 """
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from argus.catalogue import ModelSpec
 from argus.datalayer import EMPTY_ANSWER, GENERATION_FAILED, STOPPED_MARK
 from argus.keys import Lease
@@ -83,10 +86,46 @@ def marked(text: str, mark: str) -> str:
     return f"{text}\n\n{mark}" if text.strip() else mark
 
 
+# ---- What the answers can be worth (issue 12: the token limit, the local model's languages) ----
+#: How an answer cut by the max-new-tokens limit ends (live and stored, after a blank line);
+#: ``token_limit_mark(512)``. :data:`TOKEN_LIMIT_MARK_RE` finds it again.
+def token_limit_mark(limit: int) -> str:
+    """The note under an answer that the ``limit``-token limit cut (not the context window,
+    which has its own notice)."""
+    return f"_(cut at the {limit:,}-token limit; ask me to continue)_"
+
+
+TOKEN_LIMIT_MARK_RE = re.compile(r"\n\n_\(cut at the [\d,]+-token limit; ask me to continue\)_\Z")
+
+
+def without_token_limit_mark(text: str) -> str:
+    """``text`` less a trailing :func:`token_limit_mark` (what the model is given back as its
+    own earlier answer: the note is for the reader, not part of what the model wrote)."""
+    return TOKEN_LIMIT_MARK_RE.sub("", text)
+
+
+def weak_persian_notice(remote_label: Optional[str]) -> str:
+    """Said once per conversation when someone writes Persian (or Arabic script) to the local
+    model; ``remote_label``: a remote chat model that has a key (suggested), or None."""
+    if remote_label:
+        english = f"For Persian, pick **{remote_label}** with `/model` (or in the settings panel)."
+        persian = f"برای فارسی، **{remote_label}** را با ‎`/model`‎ انتخاب کنید."
+    else:
+        english = ("For Persian, an administrator can add an API key for a remote model "
+                   "or run a larger model on a worker network.")
+        persian = "برای فارسی، مدیر سرور می‌تواند کلید یک مدل راه دور را اضافه کند."
+    return (
+        "_The local model (a small English-only model) writes Persian poorly: its answers in "
+        f"Persian are mostly wrong or meaningless. {english}_\n\n"
+        f"_مدل محلی فارسی را خوب نمی‌فهمد و پاسخ‌هایش به فارسی بیشتر نادرست یا بی‌معنی است. {persian}_"
+    )
+
+
 __all__ = [
     "ACCOUNT_GONE", "CONVERSATION_GONE", "EMPTY_ANSWER", "EMPTY_MESSAGE", "GENERATION_FAILED", "IMAGE_NEEDS_TEXT",
     "INTERRUPTED_MARK", "MAX_MESSAGE_CHARS", "MESSAGE_NOT_FOUND", "NOT_SAVED", "RETRY_GONE", "SIGNED_OUT",
     "STOPPED_MARK", "STORE_DOWN", "TEXT_ONLY_NOTICE", "TEXT_ONLY_NOTICE_NO_TEXT", "WAITING_FOR_SLOT",
     "fallback_notice", "invalid_key_notice", "invalid_keys_listed", "marked", "rate_limit_message",
     "text_only_notice", "too_long_message", "upload_not_accepted",
+    "TOKEN_LIMIT_MARK_RE", "token_limit_mark", "weak_persian_notice", "without_token_limit_mark",
 ]

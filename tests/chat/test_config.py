@@ -24,7 +24,7 @@ def test_defaults(tmp_path):
     assert (s.model_path, s.jwt_secret, s.blocks_per_stage) == (None, None, None)
     assert (s.messages_per_minute, s.login_attempts, s.login_window_s) == (20, 7, 300.0)
     assert s.max_upload_bytes == 10 * 1024 * 1024
-    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (512, 0.7, 40, 0.9, 1.1)
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (512, 0.0, 40, 0.9, 1.1)
     assert s.log_level == "INFO"
 
 

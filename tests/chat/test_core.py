@@ -15,7 +15,7 @@ import pytest
 
 from argus.chat.hooks import JarvisArgus
 from argus.chat.replies import COMMANDS_PER_MINUTE
-from argus.chat.sentences import MAX_MESSAGE_CHARS, STOPPED_MARK, WAITING_FOR_SLOT, too_long_message
+from argus.chat.sentences import MAX_MESSAGE_CHARS, STOPPED_MARK, WAITING_FOR_SLOT, token_limit_mark, too_long_message
 from argus.datalayer import KIND_ANSWER, KIND_COMMAND, KIND_KEY, KIND_NOTICE
 from argus.store import StoreUnavailable
 from tests.support.chat_harness import TIMEOUT, Chat, make_settings, rows, settle, wait_until
@@ -105,7 +105,7 @@ async def test_message_is_answered_by_the_real_model_and_stored(make_argus, stor
     _, start = await chat.wait_for(lambda e: e[0] == "stream_start", 1)
     tokens = [d["token"] for kind, d in chat.emitter.events if kind == "token"]
     final = [d for kind, d in chat.emitter.events if kind == "send" and d["id"] == start["id"]]
-    assert len(final) == 1 and final[0]["output"] == start["output"] + "".join(tokens)
+    assert len(final) == 1 and final[0]["output"] == start["output"] + "".join(tokens) + "\n\n" + token_limit_mark(6)
     (conv,) = store.list_conversations(alice.id).items
     msgs = list(reversed(store.list_messages(conv.id, alice.id).items))
     assert [(m.role, m.status) for m in msgs] == [("user", "complete"), ("assistant", "complete")]

@@ -72,3 +72,42 @@ def test_sampling_params_from_wire_fills_defaults(wire, expected):
 def test_sampling_params_from_wire_refuses_out_of_range_values():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_wire({"temperature": 0.7, "top_p": 0.0}, max_tokens=5)
+
+
+def _forced(vocab: int, token: int) -> np.ndarray:
+    logits = np.zeros(vocab, dtype=np.float32)
+    logits[token] = 10.0
+    return logits
+
+
+def test_an_answer_cut_mid_character_ends_without_a_replacement_character(local_model):
+    tok = local_model.tokenizer
+    vocab = len(reference_logits("france"))
+    decoder = Decoder(tok, SamplingParams.greedy(max_tokens=3))
+    # 'چ' = b'\xda' (id 165) + b'\x86' (id 224): the limit falls between its two bytes
+    pieces = [decoder.step(_forced(vocab, t)).text for t in (165, 224, 165)]
+    assert pieces == ["", "چ", ""] and decoder.finish_reason == "length"
+    tail = decoder.flush()
+    assert tail == "" and "\ufffd" not in "".join(pieces) + tail
+
+
+def test_a_complete_persian_answer_comes_out_unchanged(local_model):
+    tok = local_model.tokenizer
+    vocab = len(reference_logits("france"))
+    text = "سلام! پایتخت فرانسه پاریس است."
+    ids = tok.encode(text)
+    decoder = Decoder(tok, SamplingParams.greedy(max_tokens=len(ids) + 1))
+    out = "".join(decoder.step(_forced(vocab, t)).text for t in ids)
+    assert decoder.step(_forced(vocab, min(tok.stop_ids))).finish_reason == "stop"
+    assert out + decoder.flush() == text
+
+
+@pytest.mark.parametrize("penalize_prompt, first, second", [(False, 100, 200), (True, 200, 100)])
+def test_the_repetition_penalty_counts_the_prompt_only_when_asked(local_model, penalize_prompt, first, second):
+    tok = local_model.tokenizer
+    logits = np.zeros(len(reference_logits("france")), dtype=np.float32)
+    logits[100], logits[200] = 2.0, 1.5  # 100 leads, unless divided by the penalty 2.0 (-> 1.0)
+    params = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=2.0)
+    decoder = Decoder(tok, params, prompt_ids=[100, 9], penalize_prompt=penalize_prompt)
+    assert decoder.step(logits).token_id == first
+    assert decoder.step(logits).token_id == second  # what the answer holds is penalized either way

@@ -144,9 +144,25 @@ def test_stream_decoder_holds_back_split_character(tok):
     assert dec.push(224) == "چ"  # b'\x86'
     assert dec.push(14787) == " "  # b' \xd8': the space is complete, the 'د' is not
     assert dec.push(124) == "د"  # b'\xaf'
-    assert dec.push(165) == ""
-    assert dec.flush() == "\ufffd"  # an unfinished character at the end is replaced
-    assert dec.push(2) == ""  # control tokens skipped by default
+    assert dec.push(165) == "" and dec.pending == 1
+    assert dec.flush() == ""  # an unfinished character at the end is dropped, never U+FFFD
+    assert dec.pending == 0 and dec.push(2) == ""  # control tokens skipped by default
+
+
+def test_stream_decoder_drops_bytes_that_can_never_form_a_character(tok):
+    dec = tok.stream_decoder()
+    # 'چ' is b'\xda\x86' (ids 165, 224): a lone continuation byte, then a lead byte followed by
+    # an ASCII token, are invalid and dropped; the text around them is kept.
+    assert dec.push(224) == ""  # b'\x86' alone
+    assert dec.push(165) == ""  # b'\xda', waiting for its second byte
+    assert dec.push(tok.encode("Paris")[0]) == "Paris"
+    assert dec.flush() == ""
+
+
+def test_stream_decoder_keeps_a_whole_replacement_character_the_model_wrote(tok):
+    ids = tok.encode("a\ufffdb")
+    dec = tok.stream_decoder()
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == "a\ufffdb"
 
 
 BYTE_CHARS = [chr(b) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xFF and b != 0xAD else None for b in range(256)]

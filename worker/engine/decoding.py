@@ -14,6 +14,9 @@ import numpy as np
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
+#: Whether the repetition penalty counts the prompt's tokens by default (measured: it should not,
+#: see docs/LOCAL_MODEL.md).
+PENALIZE_PROMPT = False
 #: Why an answer ended: a stop token, the token limit, or the caller cancelled it.
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -40,18 +43,24 @@ class DecodeStep:
 class Decoder:
     """Turns each position's logits into the next token and its text for one answer.
 
-    ``prompt_ids``: the prompt (the repetition penalty looks at it and at the answer);
-    ``params``: sampling settings, ``params.max_tokens`` generated tokens at most;
-    ``ignore_eos``: keep going past stop tokens (benchmarks).
+    ``prompt_ids``: the prompt; ``params``: sampling settings, ``params.max_tokens`` generated
+    tokens at most; ``ignore_eos``: keep going past stop tokens (benchmarks);
+    ``penalize_prompt``: whether the repetition penalty also counts the prompt's tokens
+    (HF transformers' way: the whole sequence) instead of the answer's only (the default:
+    with the prompt counted, an answer is pushed away from the words of the question and the
+    chat template — "capital", "France" — which lost answers in ``bench/local_defaults.py``,
+    see docs/LOCAL_MODEL.md).
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: Sequence[int] = (),
-                 *, ignore_eos: bool = False):
+                 *, ignore_eos: bool = False, penalize_prompt: bool = PENALIZE_PROMPT):
         self.params = params
         self.sampler = Sampler(params)
         self.stop_ids = frozenset() if ignore_eos else tokenizer.stop_ids
         self.text = tokenizer.stream_decoder()
-        self.history: list[int] = list(prompt_ids)
+        self.prompt_ids: list[int] = list(prompt_ids)
+        #: The tokens the repetition penalty looks at: the answer's (and the prompt's when penalized).
+        self.history: list[int] = list(prompt_ids) if penalize_prompt else []
         self.generated_ids: list[int] = []
         self.finish_reason: Optional[str] = None
 
@@ -78,6 +87,9 @@ class Decoder:
         self.finish_reason = self.finish_reason or "cancelled"
 
     def flush(self) -> str:
-        """Text held back at the end of the answer (bytes of an incomplete character, decoded with
-        errors='replace'); "" when nothing is held back."""
+        """End of the answer: the text still held back, which is always "" — the bytes of a
+        character the answer left incomplete (cut by the token limit, a stop token or a cancel
+        mid-character) are dropped, so an answer never ends in U+FFFD (invalid bytes inside an
+        answer are dropped as they come, see :class:`~worker.engine.tokenizer.StreamDecoder`).
+        Kept so both generation loops end the same way should the rule change."""
         return self.text.flush()

@@ -241,20 +241,35 @@ class StreamDecoder:
     """Incremental detokenizer for generated ids: :meth:`push` one id at a time.
 
     Bytes of an incomplete UTF-8 character are held back until the character is
-    complete, so no partial character is ever returned (invalid bytes become U+FFFD).
+    complete, so no partial character is ever returned. Bytes that can never form a
+    character (a stray continuation byte, a lead byte followed by a non-continuation,
+    an over-long form) are dropped, never turned into U+FFFD: in a byte-level BPE
+    they only come from a model sampling odd single-byte tokens, and a replacement
+    character tells the reader nothing. A U+FFFD the model writes as a whole
+    character (bytes EF BF BD) is text like any other and is kept.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
         self._tok, self._skip = tokenizer, skip_special
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def push(self, token_id: int) -> str:
         """Text completed by ``token_id`` ('' while a character is incomplete or the token is a
-        skipped control token). Raises ValueError for an id outside the vocabulary."""
+        skipped control token; invalid bytes dropped). Raises ValueError for an id outside
+        the vocabulary."""
         if self._skip and token_id in self._tok.special_ids:
             return ""
         return self._utf8.decode(self._tok.token_bytes(token_id))
 
+    @property
+    def pending(self) -> int:
+        """Bytes held back now: the start of a character not complete yet (0 to 3)."""
+        return len(self._utf8.getstate()[0])
+
     def flush(self) -> str:
-        """End of stream: the held-back bytes, decoded with errors='replace'; resets the decoder."""
-        return self._utf8.decode(b"", final=True)
+        """End of stream: always "" — the bytes of a character left incomplete (an answer cut
+        mid-character by the token limit or a stop) are dropped, not replaced; resets the
+        decoder for reuse."""
+        self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return ""

@@ -40,6 +40,10 @@ class Streamed:
         error: a provider's failure with its sentence (remote and network back-ends), or None.
         notice: a note shown after the answer (old messages left out, cut off…), or None.
         finish: the generation's finish reason when known (``"context"``: the prompt did not fit).
+        cut_at: the max-new-tokens limit (tokens) when the answer ended by reaching it (each
+            back-end maps its own finish reason: the engine's and the network's ``"length"``
+            less the context-window case, which has its own notice; OpenAI's ``"length"``,
+            Anthropic's ``"max_tokens"``, Gemini's ``"MAX_TOKENS"``), else None.
         cancelled: the stop button cancelled the task meanwhile (re-raise once stored).
         retryable: a failure after text was shown is a connection failure the user may
             retry (remote and network); False for the local model, whose failure is final.
@@ -50,6 +54,7 @@ class Streamed:
     error: Optional[ProviderError] = None
     notice: Optional[str] = None
     finish: Optional[str] = None
+    cut_at: Optional[int] = None
     cancelled: bool = False
     retryable: bool = True
 

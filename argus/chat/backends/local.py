@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from argus.chat.backends.base import BackendUnavailable, Sink, Streamed
 from argus.chat.history import as_messages
-from argus.chat.sentences import GENERATION_FAILED
+from argus.chat.sentences import GENERATION_FAILED, without_token_limit_mark
 from argus.catalogue import ModelSpec
 from argus.commands import ModelInfo
 from argus.store.base import Message
@@ -94,6 +94,15 @@ class ModelHolder:
         return ModelInfo(id=m.model_id, name=m.display_name)
 
 
+def model_messages(rows: Sequence[Message]) -> list[dict]:
+    """``[{"role", "content"}]`` of ``rows`` as the model reads them back: the stored answers
+    without the token-limit note the reader was shown (:func:`~argus.chat.sentences.token_limit_mark`)."""
+    return [
+        {**m, "content": without_token_limit_mark(m["content"])} if m["role"] == "assistant" else m
+        for m in as_messages(rows)
+    ]
+
+
 class LocalTurn:
     """One answer of the local model to ``history`` (``[{"role", "content"}]``)."""
 
@@ -102,14 +111,20 @@ class LocalTurn:
 
     async def stream(self, sink: Sink, handle: StreamHandle) -> Streamed:
         """Generate on the ``argus-generate`` thread into ``sink``; ``result.producer`` is that
-        thread (the generation slot is free once it has ended)."""
+        thread (the generation slot is free once it has ended). ``cut_at`` is set when the
+        answer reached ``params.max_tokens`` (finish ``"length"`` with that many tokens; a
+        ``"length"`` with fewer is the context window's end, said by the generation's notice)."""
         model, history, params = self.model, self.history, self.params
         result = await stream_pieces(
             lambda: model.chat(history, params, handle.cancel_event), sink, handle, thread_name="argus-generate",
         )
         gen: Any = result.source
+        finish = getattr(gen, "finish_reason", None)
+        cut_at = None
+        if finish == "length" and getattr(gen, "completion_tokens", 0) >= params.max_tokens:
+            cut_at = params.max_tokens
         return Streamed(
-            result, model.model_id, notice=getattr(gen, "notice", None), finish=getattr(gen, "finish_reason", None),
+            result, model.model_id, notice=getattr(gen, "notice", None), finish=finish, cut_at=cut_at,
             cancelled=result.task_cancelled, retryable=False,
         )
 
@@ -134,4 +149,4 @@ class LocalBackend:
             model = await self.holder.get()
         except ModelLoadError as e:
             raise BackendUnavailable(str(e) or GENERATION_FAILED) from None
-        return LocalTurn(model, as_messages(rows), self.sampling())
+        return LocalTurn(model, model_messages(rows), self.sampling())

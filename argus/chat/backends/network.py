@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence
 from argus.catalogue import ModelSpec
 from argus.config import sampling_params
 from argus.chat.backends.base import BackendUnavailable, Sink, Streamed
-from argus.chat.history import as_messages
+from argus.chat.backends.local import model_messages
 from argus.chat.sentences import MESSAGE_NOT_FOUND
 from argus.chat.shield import unstoppable
 from argus.keys.pool import utc_day
@@ -156,7 +156,8 @@ class NetworkStream(ChatStream):
     """A :class:`ChatStream` of a network's answer; after iteration also:
 
     ``notice``: a sentence for the user (old messages left out to fit, answer cut off by the
-    context window), or None; ``timings``: the daemon's usage record of the answer
+    context window), or None; ``cut_at``: the max-new-tokens limit when the answer ended by
+    reaching it (finish ``"length"`` short of the context window), else None; ``timings``: the daemon's usage record of the answer
     (``prompt_tokens``, ``cached_tokens``, ``completion_tokens``, ``prefill_ms``,
     ``decode_tokens_s``), empty until the last message.
     """
@@ -164,6 +165,7 @@ class NetworkStream(ChatStream):
     def __init__(self, source: Callable[["NetworkStream"], AsyncIterator[str]], map_error: Callable[[BaseException], ProviderError]):
         super().__init__(NETWORK_PROVIDER, source, map_error)  # type: ignore[arg-type]
         self.notice: Optional[str] = None
+        self.cut_at: Optional[int] = None
         self.timings: dict = {}
 
 
@@ -359,6 +361,8 @@ class NetworkBackend:
                         stream.usage = Usage(prompt, completion, prompt + completion)
                         if stream.finish_reason == "length" and max_length < len(ids) + max_new:
                             stream.notice = "The answer was cut off: it reached the end of the model's context window."
+                        elif stream.finish_reason == "length":
+                            stream.cut_at = max_new
                         log.info("network %s answered session of %s: %s", network_id, conversation_key, stream.timings)
                         return
             raise ProviderError(
@@ -373,7 +377,7 @@ class NetworkBackend:
         (nothing is sent until it streams). Raises BackendUnavailable when the message to
         answer is not among ``rows``."""
         assert spec is not None and is_network_model(spec.id), "a network answer needs the network's model"
-        history = as_messages(rows)
+        history = model_messages(rows)
         if not history:
             raise BackendUnavailable(MESSAGE_NOT_FOUND)
         return NetworkTurn(self, spec, self.stream_chat(spec, history, turn.conv_id), turn.user_id)
@@ -415,7 +419,10 @@ class NetworkTurn:
         if result.pieces or result.status == "complete":
             _, again = await unstoppable(self.backend.record_usage(self.spec, stream, self.user_id))
             cancelled = cancelled or again
-        return Streamed(result, self.spec.id, error=error, notice=stream.notice, cancelled=cancelled)
+        return Streamed(
+            result, self.spec.id, error=error, notice=stream.notice, finish=stream.finish_reason,
+            cut_at=stream.cut_at, cancelled=cancelled,
+        )
 
 
 __all__ = [

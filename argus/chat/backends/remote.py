@@ -24,6 +24,14 @@ from argus.streaming import StreamHandle, StreamResult, stream_async_pieces
 
 #: Failures that are the answer (the provider's sentence), not a reason to fall back.
 REFUSALS = ("blocked", "bad_request")
+#: The providers' finish reasons for "the output-token limit ended the answer", lower-cased:
+#: OpenAI's ``"length"``, Anthropic's ``"max_tokens"``, Gemini's ``"MAX_TOKENS"``.
+TOKEN_LIMIT_REASONS = frozenset({"length", "max_tokens"})
+
+
+def hit_token_limit(finish_reason: Optional[str]) -> bool:
+    """Whether a provider's own finish reason means the output-token limit cut the answer."""
+    return finish_reason is not None and str(finish_reason).lower() in TOKEN_LIMIT_REASONS
 
 
 class RemoteTurn:
@@ -40,6 +48,7 @@ class RemoteTurn:
         failover = Failover(remote.pool, spec, tokens=estimate_tokens(self.request))
         result: Optional[StreamResult] = None
         error: Optional[ProviderError] = None
+        stream = None
         try:
             while not handle.cancelled:
                 lease = await failover.next()
@@ -73,7 +82,9 @@ class RemoteTurn:
                     f"no {spec.provider} API key can take a request right now (busy, over its limits or disabled)"
                 )
         assert result is not None
-        return Streamed(result, spec.id, error=error, cancelled=cancelled)
+        finish = stream.finish_reason if stream is not None else None
+        cut_at = self.request.max_tokens if result.status == "complete" and hit_token_limit(finish) else None
+        return Streamed(result, spec.id, error=error, finish=finish, cut_at=cut_at, cancelled=cancelled)
 
 
 class RemoteBackend:
