@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -22,16 +22,25 @@ class ConfigError(ValueError):
     """An environment variable has a value we cannot use; the message names it."""
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
-    raw = os.environ.get(name, "").strip()
+def env_int(name: str, default: int, minimum: int = 0, maximum: Optional[int] = None, *, unit: str = "",
+            environ: Optional[Mapping[str, str]] = None) -> int:
+    """The whole number in environment variable ``name`` (``default`` when unset or blank), at
+    least ``minimum`` and, when given, at most ``maximum``; ``unit`` ("KiB") names what it counts.
+
+    Raises ConfigError with a sentence naming the variable.
+    """
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
+        what = f"a whole number of {unit}" if unit else "a whole number"
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
+    if maximum is None and value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}{f' ({unit})' if unit else ''}, got {value}")
     return value
 
 
@@ -207,7 +216,7 @@ class Settings:
         """
         if dotenv:
             load_dotenv(find_dotenv(usecwd=True), override=False)  # the .env of the directory the server runs in
-        bps = _int("ARGUS_BLOCKS_PER_STAGE", 0, 0)
+        bps = env_int("ARGUS_BLOCKS_PER_STAGE", 0, 0)
         log_level = (os.environ.get("ARGUS_LOG_LEVEL", "").strip() or "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"ARGUS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -224,15 +233,15 @@ class Settings:
             worker_data_dir=Path(worker_dir).resolve() if worker_dir else data_dir / "worker",
             model_path=os.environ.get("ARGUS_MODEL_PATH", "").strip() or None,
             jwt_secret=os.environ.get("JWT_SECRET_KEY", "").strip() or None,
-            messages_per_minute=_int("ARGUS_MESSAGES_PER_MINUTE", 20, 1),
-            login_attempts=_int("ARGUS_LOGIN_ATTEMPTS", 7, 1),
+            messages_per_minute=env_int("ARGUS_MESSAGES_PER_MINUTE", 20, 1),
+            login_attempts=env_int("ARGUS_LOGIN_ATTEMPTS", 7, 1),
             login_window_s=_float("ARGUS_LOGIN_WINDOW_S", 300.0, 1.0),
-            max_upload_bytes=_int("ARGUS_MAX_UPLOAD_MB", 10, 1) * 1024 * 1024,
-            max_new_tokens=_int("ARGUS_MAX_NEW_TOKENS", 512, 1),
+            max_upload_bytes=env_int("ARGUS_MAX_UPLOAD_MB", 10, 1) * 1024 * 1024,
+            max_new_tokens=env_int("ARGUS_MAX_NEW_TOKENS", 512, 1),
             # Defaults measured by bench/local_defaults.py (docs/LOCAL_MODEL.md): greedy with a
             # repetition penalty of 1.1 over the answer answered the question set best.
             temperature=_float("ARGUS_TEMPERATURE", DEFAULT_TEMPERATURE, 0.0, 100.0),
-            top_k=_int("ARGUS_TOP_K", DEFAULT_TOP_K, 0),
+            top_k=env_int("ARGUS_TOP_K", DEFAULT_TOP_K, 0),
             top_p=_float("ARGUS_TOP_P", DEFAULT_TOP_P, 0.0, 1.0, above_minimum=True),
             repetition_penalty=_float("ARGUS_REPETITION_PENALTY", DEFAULT_REPETITION_PENALTY, 0.0, 100.0,
                                       above_minimum=True),

@@ -22,10 +22,9 @@ single source of Chainlit's ``spontaneous_file_upload.max_size_mb`` too.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
-from argus.config import ConfigError
+from argus.config import env_int
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -156,15 +155,7 @@ def max_body_bytes(environ: Optional[Mapping[str, str]] = None) -> int:
     Raises:
         ConfigError: not a whole number of KiB between 16 and 1048576 (1 GiB).
     """
-    raw = (os.environ if environ is None else environ).get(MAX_BODY_VAR, "").strip()
-    if not raw:
-        return DEFAULT_BODY_LIMIT
-    try:
-        kib = int(raw)
-    except ValueError:
-        raise ConfigError(f"{MAX_BODY_VAR} must be a whole number of KiB, got {raw!r}") from None
-    if not 16 <= kib <= 1024 * 1024:
-        raise ConfigError(f"{MAX_BODY_VAR} must be between 16 and 1048576 (KiB), got {kib}")
+    kib = env_int(MAX_BODY_VAR, DEFAULT_BODY_LIMIT // 1024, 16, 1024 * 1024, unit="KiB", environ=environ)
     return kib * 1024
 
 

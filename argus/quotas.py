@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Optional
 from urllib.parse import parse_qs
 
-from argus.config import ConfigError
+from argus.config import env_int
 from argus.datalayer import token_from_scope
 from argus.sessions import decode_token
 
@@ -160,16 +160,7 @@ class QuotaLimits:
         env = os.environ if environ is None else environ
 
         def whole(name: str, default: int, low: int, high: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-            if not low <= value <= high:
-                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-            return value
+            return env_int(name, default, low, high, environ=env)
 
         return cls(
             session_files=whole(SESSION_FILES_VAR, DEFAULT_SESSION_FILES, 1, 1_000_000),
