@@ -7,29 +7,20 @@ import contextlib
 from dataclasses import dataclass
 
 import pytest
-from cryptography import x509
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 
+from tests.support.links import admin_and_worker
 from worker import pki, protocol
 from worker.dispatch import STOP, Dispatcher
-from worker.link import Credentials, Link, accept, open_link
+from worker.link import Link, accept, open_link
 
-NET = "net-1"
 TIMEOUT_S = 30.0
-
-
-def credentials(ca, node_id: str, role: str) -> Credentials:
-    ca_key, ca_cert = ca
-    key = pki.new_node_key()
-    cert_pem = pki.sign_node_certificate(ca_key, ca_cert, pki.make_csr(key, node_id, NET), node_id, role)
-    return Credentials(NET, node_id, role, x509.load_pem_x509_certificate(cert_pem), key, ca_cert)
 
 
 @pytest.fixture(scope="module")
 def members():
-    ca = pki.create_network_ca(NET, "Dispatch")
-    return ca, credentials(ca, "admin-1", "admin"), credentials(ca, "worker-1", "worker")
+    return admin_and_worker("Dispatch")
 
 
 @dataclass

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from cryptography import x509
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 
 from worker import link as link_module
+from tests.support.links import NET, admin_and_worker
 from worker import pki, protocol
 from worker.link import (
-    Credentials,
     HandshakeFailed,
     Link,
     LinkClosed,
@@ -37,24 +36,14 @@ from worker.link import (
     open_link,
 )
 
-NET = "net-1"
 D_MODEL = 576  # SmolLM2-135M hidden size
 RANGE = {"model_id": "smollm2-135M-32c0b8179c87", "start": 15, "end": 30, "total": 30}
 TIMEOUT_S = 30.0
 
 
-def credentials(ca, node_id: str, role: str) -> Credentials:
-    """A member's credentials on ``ca``'s network: a fresh P-256 key and a certificate for ``role``."""
-    ca_key, ca_cert = ca
-    key = pki.new_node_key()
-    cert_pem = pki.sign_node_certificate(ca_key, ca_cert, pki.make_csr(key, node_id, NET), node_id, role)
-    return Credentials(NET, node_id, role, x509.load_pem_x509_certificate(cert_pem), key, ca_cert)
-
-
 @pytest.fixture(scope="module")
 def members():
-    ca = pki.create_network_ca(NET, "Tensor links")
-    return ca, credentials(ca, "admin-1", "admin"), credentials(ca, "worker-1", "worker")
+    return admin_and_worker("Tensor links")
 
 
 @dataclass
